@@ -35,6 +35,9 @@ class GuardConfig:
             "subtract": M = V - a_t R (the paper's rule).
         mask_floor: every pixel gets at least this fraction of the peak, so no region is left
             noise-free for an attacker to read.
+        mask_normalization: "rms" scales each mask to unit root-mean-square, so noise_amplitude
+            fixes the noise energy per image whatever the mask's shape (equal-energy ablations
+            are then exact); "peak" scales it to max 1 (the paper's convention).
     Shadow
         shadow: "feature_inverter" (ours: a small decoder from what the last layer's gradient
             reveals back to the image, co-trained on the client's data), "generator" (the paper's
@@ -63,6 +66,7 @@ class GuardConfig:
     relevance_temperature: float = 0.25
     combine: CombineRule = "product"
     mask_floor: float = 0.1
+    mask_normalization: Literal["rms", "peak"] = "rms"
 
     shadow: ShadowKind = "feature_inverter"
     shadow_lr: float = 2e-3
@@ -127,6 +131,7 @@ PRESETS: dict[str, GuardConfig] = {
         relevance_weight_max=0.5,
         combine="subtract",
         mask_floor=0.0,
+        mask_normalization="peak",
         shadow="generator",
         shadow_steps_per_batch=5,
     ),
