@@ -79,9 +79,14 @@ def _load_arrays(path: str, check: bool) -> dict[str, np.ndarray]:
         raise DatasetError(f"{file} is corrupt or not the official {name}.npz (md5 mismatch)")
     try:
         with np.load(file, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
+            arrays = {key: archive[key] for key in archive.files}
     except Exception as err:  # a truncated zip raises several kinds of error
         raise DatasetError(f"{file} cannot be read as a MedMNIST npz: {err}") from err
+    missing = [f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")
+               if f"{split}_{kind}" not in arrays]
+    if missing:
+        raise DatasetError(f"{file} is not a MedMNIST npz: it lacks the arrays {missing}")
+    return arrays
 
 
 def load_medmnist(name: str, split: str = "train", *, root: str | Path | None = None, size: int = 32,
