@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,9 @@ from gradguard.relevance import attribution, last_conv_layer
 from gradguard.shadow import Shadow, ShadowInputs, build_shadow
 from gradguard.update import ProtectedUpdate, snapshot, weight_delta
 
-_GUARD_ATTR = "_gradguard_guard"
+# model -> the guard installed on it; weak, and outside the model so deepcopy/pickle of the model
+# never drags the guard (and its optimizer) along.
+_GUARDS: "weakref.WeakKeyDictionary[nn.Module, GradGuard]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -64,14 +67,21 @@ def final_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return found[-1]
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
 def _strip_hooks(model: nn.Module) -> nn.Module:
-    """A hook-free copy: the guard's, the user's and Opacus' hooks stay on the original."""
-    clone = copy.deepcopy(model)
-    for m in clone.modules():
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                     "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
-            getattr(m, attr, {}).clear()
-    return clone
+    """A hook-free copy. The hooks are set aside during the copy, because a hook's closure
+    (the guard's, Opacus') would otherwise drag its owner, optimizer included, into deepcopy."""
+    saved = [(m, name, getattr(m, name)) for m in model.modules() for name in _HOOK_DICTS if hasattr(m, name)]
+    try:
+        for m, name, hooks in saved:
+            setattr(m, name, type(hooks)())
+        return copy.deepcopy(model)
+    finally:
+        for m, name, hooks in saved:
+            setattr(m, name, hooks)
 
 
 class GradGuard:
@@ -89,6 +99,7 @@ class GradGuard:
         self._noise = None  # torch.Generator, made on the model's device
         self._handles: list[RemovableHandle] = []
         self._model: nn.Module | None = None
+        self._global_copy: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._dp: HybridDP | None = None
         self._state = _RoundState()
@@ -106,13 +117,15 @@ class GradGuard:
         a new guard takes over the previous one's masks and shadow so they keep smoothing.
         ``batch_size`` and ``dataset_size`` are needed only for hybrid DP's accountant.
         """
-        previous = getattr(model, _GUARD_ATTR, None)
+        previous = _GUARDS.get(model)
         if previous is not None:
             previous.cleanup()
             if previous is not self:
                 self.masks, self.shadow, self.round = previous.masks, previous.shadow, previous.round
         self._model, self._optimizer = model, optimizer
         self._device = self._device or next(model.parameters()).device
+        # Copied now, before any hook is attached; each round loads the global weights into it.
+        self._global_copy = _strip_hooks(model).eval()
         cfg = self.config
         if cfg.shadow != "none":
             final_linear(model)
@@ -131,7 +144,7 @@ class GradGuard:
         if cfg.shadow != "none":
             self._handles.append(final_linear(model)[1].register_forward_hook(self._capture_features))
         self._handles.append(optimizer.register_step_post_hook(self._after_step))
-        setattr(model, _GUARD_ATTR, self)
+        _GUARDS[model] = self
         self._state = _RoundState()
         return train_model, train_optimizer
 
@@ -143,8 +156,8 @@ class GradGuard:
         if self._dp is not None:
             self._dp.detach()
             self._dp = None
-        if self._model is not None and getattr(self._model, _GUARD_ATTR, None) is self:
-            delattr(self._model, _GUARD_ATTR)
+        if self._model is not None and _GUARDS.get(self._model) is self:
+            del _GUARDS[self._model]
         self._batch = None
 
     def begin_round(self, t: int) -> None:
@@ -198,7 +211,8 @@ class GradGuard:
 
     def _global_model(self) -> nn.Module:
         if self._state.global_model is None:
-            self._state.global_model = _strip_hooks(self._model).eval()
+            self._global_copy.load_state_dict(self._model.state_dict())
+            self._state.global_model = self._global_copy
         return self._state.global_model
 
     def _maps(self, images: torch.Tensor, ids: list[str], labels: torch.Tensor | None

@@ -22,11 +22,13 @@ def validate_per_sample(model: nn.Module) -> None:
     """Raise UnsupportedModelError naming every layer Opacus cannot give per-sample gradients for."""
     from opacus.validators import ModuleValidator
 
-    problems = ModuleValidator.validate(model, strict=False)
+    # Opacus' messages do not say where a layer sits; checking leaf by leaf names the path.
+    problems = [f"  - {name} ({type(m).__name__}): {ModuleValidator.validate(m, strict=False)[0]}".split(". ")[0]
+                for name, m in model.named_modules()
+                if not list(m.children()) and ModuleValidator.validate(m, strict=False)]
     if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
         raise UnsupportedModelError(
-            "per-sample gradients (hybrid DP mode) are not defined for these layers:\n" + lines +
+            "per-sample gradients (hybrid DP mode) are not defined for these layers:\n" + "\n".join(problems) +
             "\nfix: model = opacus.validators.ModuleValidator.fix(model) (BatchNorm -> GroupNorm) before "
             "wrapping, or turn hybrid DP off (dp_noise_multiplier=None): the guard's masks do not need it")
 

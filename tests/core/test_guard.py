@@ -1,0 +1,175 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradguard import GradGuard, GuardConfig, ProtectedUpdate, UnsupportedModelError
+from gradguard.eval.models import SmallCNN, resnet18
+from gradguard.guard import _GUARDS
+from gradguard.masks import combine
+
+
+def train(model, optimizer, images, labels, steps=3, batch=4):
+    model.train()
+    for s in range(steps):
+        x, y = images[s * batch:(s + 1) * batch], labels[s * batch:(s + 1) * batch]
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def test_two_line_quickstart(chest_batch):
+    images, labels = chest_batch
+    model = SmallCNN(1, 2, width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    start = copy.deepcopy(model.state_dict())
+    # --- the README's quick start ---
+    guard = GradGuard(GuardConfig(refresh_every=2), client_id="hospital-a")
+    model, optimizer = guard.wrap(model, optimizer)
+    # --------------------------------
+    train(model, optimizer, images, labels, steps=3)
+    update = guard.protected_update()
+    assert isinstance(update, ProtectedUpdate)
+    assert (update.kind, update.num_steps, update.num_samples, update.batch_size) == ("delta", 3, 12, 4)
+    assert update.client_id == "hospital-a" and update.learning_rate == pytest.approx(0.1)
+    now = model.state_dict()
+    for name, delta in update.tensors.items():
+        torch.testing.assert_close(delta, now[name] - start[name])
+    assert "features.1.running_mean" in update.tensors  # BatchNorm statistics travel too
+    with pytest.raises(RuntimeError, match="no protected training step"):
+        guard.protected_update()
+
+
+def test_noise_only_in_training_forward(chest_batch):
+    images, _ = chest_batch
+    model = SmallCNN(1, 2, width=8)
+    reference = copy.deepcopy(model)
+    guard = GradGuard(GuardConfig(noise_amplitude=0.3))
+    model, _ = guard.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    model.eval(), reference.eval()
+    torch.testing.assert_close(model(images[:4]), reference(images[:4]))
+    seen = []
+    model.features[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    model.train()
+    model(images[:4])
+    added = seen[-1] - images[:4]
+    rms = added.flatten(1).pow(2).mean(1).sqrt()
+    peak = images[:4].flatten(1).amax(1)
+    # mask RMS is 1 and the noise has unit variance: added RMS ~ w * max|x| per image
+    torch.testing.assert_close(rms / peak, torch.full_like(rms, 0.3), atol=0.05, rtol=0)
+
+
+def test_rewrapping_is_safe_and_cleanup_removes_every_hook(chest_batch):
+    images, labels = chest_batch
+    model = SmallCNN(1, 2, width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = GradGuard(GuardConfig(refresh_every=1))
+    first.wrap(model, optimizer)
+    train(model, optimizer, images, labels, steps=2)
+    first.protected_update()
+    first.wrap(model, optimizer)  # the same guard again
+    second = GradGuard(GuardConfig(refresh_every=1))
+    second.wrap(model, optimizer)  # a new guard next round takes over
+    assert len(model._forward_pre_hooks) == 1
+    assert len(model.classifier._forward_hooks) == 1
+    assert len(optimizer._optimizer_step_post_hooks) == 1
+    assert second.masks is first.masks and len(second.masks) == 8 and second.round == 1
+    train(model, optimizer, images, labels, steps=1)
+    assert second.protected_update().round == 1
+    second.cleanup()
+    assert not model._forward_pre_hooks and not model.classifier._forward_hooks
+    assert not optimizer._optimizer_step_post_hooks
+    assert model not in _GUARDS
+
+
+def test_deterministic_under_a_seed(chest_batch):
+    images, labels = chest_batch
+
+    def run(seed):
+        torch.manual_seed(0)
+        model = SmallCNN(1, 2, width=8)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        guard = GradGuard(GuardConfig(seed=seed, refresh_every=1))
+        guard.wrap(model, optimizer)
+        train(model, optimizer, images, labels, steps=2)
+        return guard.protected_update(), guard
+
+    (a, guard_a), (b, _), (c, _) = run(1), run(1), run(2)
+    for name in a.tensors:
+        torch.testing.assert_close(a.tensors[name], b.tensors[name])
+    assert any(not torch.allclose(a.tensors[n], c.tensors[n]) for n in a.tensors)
+    masks = list(guard_a.masks.masks.values())
+    assert not torch.allclose(masks[0], masks[1])  # sample-specific
+
+
+def test_masks_follow_shadow_error_and_avoid_relevance(chest_batch):
+    images, labels = chest_batch
+    model = SmallCNN(1, 2, width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = GradGuard(GuardConfig(relevance_weight_min=0.9, relevance_weight_max=0.9))
+    guard.wrap(model, optimizer)
+    train(model, optimizer, images, labels, steps=4)
+    explained = guard.explain(images[:8], labels[:8])
+    m, v, r = explained.mask, explained.vulnerability, explained.relevance
+    # the same vulnerability without relevance: the ratio shows what relevance took away
+    spared = m / combine(v, torch.zeros_like(r), weight=0.9, rule="product", floor=0.1)
+    for i in range(8):
+        vulnerable = v[i] >= v[i].flatten().quantile(0.75)
+        relevant = r[i] > 0
+        assert m[i][vulnerable & ~relevant].mean() > m[i][~vulnerable & ~relevant].mean()
+        assert spared[i][relevant].mean() < 0.8 * spared[i][~relevant].mean()
+    assert not torch.allclose(m[0], m[1])
+
+
+def test_resnet18_with_batchnorm(chest_batch):
+    images, labels = chest_batch
+    model = resnet18(in_channels=1, num_classes=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = GradGuard()
+    guard.wrap(model, optimizer)
+    train(model, optimizer, images, labels, steps=2)
+    update = guard.protected_update()
+    assert "layer4.1.bn2.running_var" in update.tensors and "fc.weight" in update.tensors
+    assert all(torch.isfinite(t).all() for t in update.tensors.values())
+
+
+def test_unsupported_layers_are_named_with_the_fix():
+    no_head = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(UnsupportedModelError, match="nn.Linear.*fix"):
+        GradGuard().wrap(no_head, torch.optim.SGD(no_head.parameters(), lr=0.1))
+    model = SmallCNN(1, 2, width=8, norm="batch")
+    dp = GradGuard(GuardConfig(dp_noise_multiplier=1.0))
+    with pytest.raises(UnsupportedModelError, match=r"features\.1 \(BatchNorm2d\)(.|\n)*ModuleValidator\.fix"):
+        dp.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=4, dataset_size=16)
+    vector_model = nn.Sequential(nn.Linear(8, 2))
+    guard = GradGuard(GuardConfig(relevance_method="saliency"))
+    guard.wrap(vector_model, torch.optim.SGD(vector_model.parameters(), lr=0.1))
+    with pytest.raises(UnsupportedModelError, match=r"\[N, C, H, W\]"):
+        vector_model(torch.randn(3, 8))
+
+
+def test_gradient_update_kind(chest_batch):
+    images, labels = chest_batch
+    model = SmallCNN(1, 2, width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = GradGuard(GuardConfig(update_kind="gradient"))
+    guard.wrap(model, optimizer)
+    train(model, optimizer, images, labels, steps=1)
+    update = guard.protected_update()
+    assert update.kind == "gradient"
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(update.tensors[name], p.grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_cuda(chest_batch):
+    images, labels = chest_batch
+    model = SmallCNN(1, 2, width=8).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = GradGuard()
+    guard.wrap(model, optimizer)
+    train(model, optimizer, images.cuda(), labels.cuda(), steps=2)
+    update = guard.protected_update()
+    assert all(t.device.type == "cpu" for t in update.tensors.values())
