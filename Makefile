@@ -37,12 +37,20 @@ bench-quick: $(STAMP)
 
 bench: bench-step bench-shadow bench-transport
 
-# Regenerates gradguard/transport/_generated from protos/ (needs grpcio-tools, see README).
+# Regenerates gradguard/transport/_generated/v1 from protos/gradguard/v1 (the generated code is
+# committed; this target is only for changing the .proto). grpcio-tools lives in a throwaway venv:
+# 1.70.0 bundles protoc 29 (protobuf 5.29 gencode), which runs on protobuf >=5.29,<7 and grpcio
+# >=1.70 (what Flower allows); newer grpcio-tools need protobuf >= 6.30 or 7. The -I mapping makes
+# the generated imports name the real package (gradguard.transport._generated.v1), so no
+# post-processing is needed. SOURCE.sha256 lets a test catch a .proto edited without regenerating.
+PROTOC_VENV := build/protoc-venv
+GEN_DIR     := gradguard/transport/_generated/v1
 proto:
-	$(PY) -m pip install --quiet "grpcio-tools>=1.66,<1.72"
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gradguard/transport/_generated \
-	  --grpc_python_out=gradguard/transport/_generated --pyi_out=gradguard/transport/_generated \
-	  protos/gradguard/v1/*.proto
+	test -x $(PROTOC_VENV)/bin/python || $(PYTHON) -m venv $(PROTOC_VENV)
+	$(PROTOC_VENV)/bin/python -m pip install --quiet "grpcio-tools==1.70.0"
+	$(PROTOC_VENV)/bin/python -m grpc_tools.protoc -I$(GEN_DIR)=protos/gradguard/v1 \
+	  --python_out=. --grpc_python_out=. --pyi_out=. protos/gradguard/v1/*.proto
+	cd protos/gradguard/v1 && sha256sum *.proto > $(CURDIR)/$(GEN_DIR)/SOURCE.sha256
 
 clean:
 	rm -rf $(VENV) build *.egg-info

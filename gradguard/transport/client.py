@@ -1,0 +1,191 @@
+"""The client side: join, fetch the global model, submit a protected update, poll the round.
+
+    with AggregatorClient(server.address, client_id="c1", token=tokens["c1"]) as client:
+        client.join()
+        round_index, state = client.fetch_global()
+        model.load_state_dict(state)
+        ... train the wrapped model; guard.begin_round(round_index) ...
+        client.submit(guard.protected_update())
+        client.wait_for_round(round_index + 1)
+
+Every call is retried with exponential backoff while the server is UNAVAILABLE (down,
+restarting, a network blip); a resubmitted update is safe because the server treats an
+identical update as a duplicate. Every failure surfaces as :class:`TransportError`.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+import torch
+
+from gradguard.transport._generated.v1 import aggregator_pb2 as pb
+from gradguard.transport._generated.v1 import aggregator_pb2_grpc as pb_grpc
+from gradguard.transport.auth import ClientTLS, call_metadata
+from gradguard.transport.codec import (CHUNK_BYTES, decode_tensors, encode_tensors, sha256_hex,
+                                       submit_messages, update_header)
+from gradguard.transport.errors import TransportError
+from gradguard.transport.rounds import Ack, RoundStatus
+from gradguard.update import ProtectedUpdate
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a call that failed with UNAVAILABLE is retried.
+
+    attempts: tries in all (1 disables retries). The wait before try k+1 is drawn uniformly
+    from [b/2, b] with b = min(max_backoff_s, initial_backoff_s * multiplier**(k-1)), so many
+    clients that lost the same server do not come back in lockstep.
+    """
+
+    attempts: int = 6
+    initial_backoff_s: float = 0.25
+    max_backoff_s: float = 8.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.initial_backoff_s < 0 or self.max_backoff_s < 0 or self.multiplier < 1:
+            raise ValueError("RetryPolicy needs attempts >= 1, backoffs >= 0 and multiplier >= 1")
+
+    def backoff_s(self, attempt: int) -> float:
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+@dataclass(frozen=True)
+class JoinInfo:
+    """What the server told a joining client."""
+
+    round: int
+    layout: dict[str, tuple[str, tuple[int, ...]]]  # the global model: name -> (dtype code, shape)
+    averaged: frozenset[str]  # names an update must carry
+    max_update_bytes: int
+    min_clients: int
+    round_deadline_s: float  # inf: no deadline
+
+
+class AggregatorClient:
+    """A client of one aggregator.
+
+    address: the server's ``host:port``.
+    client_id / token: the credentials the server was given for this client.
+    tls: how to check the server's certificate (and the client certificate for mutual TLS);
+        None speaks plaintext, for a server on loopback.
+    retry: the retries on UNAVAILABLE.
+    timeout_s: deadline of each call (a submit or fetch of a large model included).
+    """
+
+    def __init__(self, address: str, *, client_id: str, token: str, tls: ClientTLS | None = None,
+                 retry: RetryPolicy = RetryPolicy(), chunk_bytes: int = CHUNK_BYTES,
+                 timeout_s: float = 300.0) -> None:
+        self.address = address
+        self.client_id = client_id
+        self.retry = retry
+        self.chunk_bytes = chunk_bytes
+        self.timeout_s = timeout_s
+        self._metadata = call_metadata(client_id, token)
+        if tls is None:
+            self._channel = grpc.insecure_channel(address)
+        else:
+            self._channel = grpc.secure_channel(address, tls.credentials(), options=tls.channel_options())
+        self._stub = pb_grpc.AggregatorStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "AggregatorClient":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _call(self, what: str, attempt: Callable[[], _T]) -> _T:
+        for tries in range(1, self.retry.attempts + 1):
+            try:
+                return attempt()
+            except grpc.RpcError as err:
+                code = err.code()
+                if code == grpc.StatusCode.UNAVAILABLE and tries < self.retry.attempts:
+                    delay = self.retry.backoff_s(tries)
+                    log.info("%s: server unavailable (%s); retry %d in %.2f s", what, err.details(), tries, delay)
+                    time.sleep(delay)
+                    continue
+                tried = f" (after {tries} attempts)" if tries > 1 else ""
+                raise TransportError(code, f"{what} to {self.address} failed{tried}: {err.details()}") from None
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def join(self) -> JoinInfo:
+        """Register with the federation: the server then waits for this client in every round."""
+        response: pb.JoinResponse = self._call("join", lambda: self._stub.Join(
+            pb.JoinRequest(), metadata=self._metadata, timeout=self.timeout_s))
+        return JoinInfo(
+            round=response.round,
+            layout={t.name: (t.dtype, tuple(t.shape)) for t in response.tensors},
+            averaged=frozenset(t.name for t in response.tensors if t.averaged),
+            max_update_bytes=response.max_update_bytes, min_clients=response.min_clients,
+            round_deadline_s=response.round_deadline_s)
+
+    def fetch_global(self, round: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+        """The open round's index and its global model (a state dict on CPU). ``round`` asks
+        for a specific round and fails with FAILED_PRECONDITION if it is not the open one."""
+        request = pb.FetchGlobalRequest() if round is None else pb.FetchGlobalRequest(round=round)
+
+        def attempt() -> tuple[pb.GlobalModelHeader, bytes]:
+            stream = self._stub.FetchGlobal(request, metadata=self._metadata, timeout=self.timeout_s)
+            first = next(stream)
+            return first.header, b"".join(message.data for message in stream)
+
+        header, payload = self._call("fetch_global", attempt)
+        if len(payload) != header.total_bytes or sha256_hex(payload) != header.sha256:
+            raise TransportError(grpc.StatusCode.DATA_LOSS,
+                                 f"the global model of round {header.round} arrived corrupted "
+                                 f"({len(payload)} of {header.total_bytes} bytes, or a wrong checksum); fetch again")
+        return header.round, decode_tensors(payload)
+
+    def submit(self, update: ProtectedUpdate) -> Ack:
+        """Send ``update`` (e.g. ``guard.protected_update()``) for its round; returns the receipt.
+
+        Raises :class:`TransportError` with the server's status when it refuses the update:
+        INVALID_ARGUMENT (layout, dtype, non-finite values, malformed payload),
+        FAILED_PRECONDITION (not the open round), RESOURCE_EXHAUSTED (too large),
+        ALREADY_EXISTS (a different update of this client is in), DATA_LOSS (corrupted).
+        """
+        if update.client_id and update.client_id != self.client_id:
+            raise ValueError(f"the update is client {update.client_id!r}'s but this client is {self.client_id!r}")
+        payload = encode_tensors(update.tensors)
+        header = update_header(update, payload, client_id=self.client_id)
+        response: pb.SubmitUpdateResponse = self._call("submit", lambda: self._stub.SubmitUpdate(
+            submit_messages(header, payload, chunk_bytes=self.chunk_bytes),
+            metadata=self._metadata, timeout=self.timeout_s))
+        return Ack(round=response.round, sha256=response.sha256, duplicate=response.duplicate,
+                   accepted_in_round=response.accepted_in_round)
+
+    def status(self) -> RoundStatus:
+        response: pb.StatusResponse = self._call("status", lambda: self._stub.GetStatus(
+            pb.StatusRequest(), metadata=self._metadata, timeout=self.timeout_s))
+        return RoundStatus(
+            round=response.round, accepted_in_round=response.accepted_in_round,
+            joined_clients=response.joined_clients, min_clients=response.min_clients,
+            seconds_to_deadline=response.seconds_to_deadline, joined=response.joined,
+            submitted=response.submitted)
+
+    def wait_for_round(self, round_index: int, timeout_s: float | None = None,
+                       *, poll_s: float = 0.25) -> RoundStatus:
+        """Poll until round ``round_index`` is open; raises TimeoutError after ``timeout_s``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while (status := self.status()).round < round_index:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"round {round_index} did not open within {timeout_s} s: round {status.round} "
+                                   f"has {status.accepted_in_round} update(s), needs {status.min_clients}")
+            time.sleep(poll_s)
+        return status

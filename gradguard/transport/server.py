@@ -1,0 +1,216 @@
+"""The aggregator server: gRPC around :class:`RoundManager`, behind TLS and per-client tokens.
+
+    server = AggregatorServer(model.state_dict(), state_dir="agg-state",
+                              clients=generate_tokens(["c1", "c2", "c3"]),
+                              config=AggregatorConfig(min_clients=3, round_deadline_s=30))
+    with server:                      # starts on 127.0.0.1 and a free port: server.address
+        server.wait_for_round(5)      # clients join, fetch, train and submit meanwhile
+        final = server.global_state()
+"""
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from gradguard.transport._generated.v1 import aggregator_pb2 as pb
+from gradguard.transport._generated.v1 import aggregator_pb2_grpc as pb_grpc
+from gradguard.transport.auth import CLIENT_ID_KEY, AuthInterceptor, ServerTLS, TokenRegistry, authenticated_client
+from gradguard.transport.config import AggregatorConfig
+from gradguard.transport.errors import TransportError
+from gradguard.transport.rounds import RoundManager, RoundStatus
+from gradguard.transport.store import StateStore
+
+log = logging.getLogger(__name__)
+_Response = TypeVar("_Response")
+
+
+def _abort(context: grpc.ServicerContext, err: Exception) -> None:
+    """End the call with ``err``'s status; anything but a TransportError is a server bug."""
+    client = dict(context.invocation_metadata()).get(CLIENT_ID_KEY, "?")
+    if isinstance(err, TransportError):
+        log.warning("refused a call from %s: %s", client, err)
+        context.abort(err.code, err.message)
+    if not context.is_active():
+        context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the call")
+    log.error("internal error on a call from %s", client, exc_info=err)
+    context.abort(grpc.StatusCode.INTERNAL, "the aggregator failed on this call; its log has the details")
+
+
+def _unary_response(method: Callable[..., _Response]) -> Callable[..., _Response]:
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> _Response:
+        try:
+            return method(self, request, context)
+        except Exception as err:  # a call never crashes the server: it ends with a status
+            _abort(context, err)
+            raise  # unreachable: abort raises
+    return wrapper
+
+
+def _payload(requests: Iterator[pb.SubmitUpdateRequest]) -> Iterator[bytes]:
+    for message in requests:
+        if message.WhichOneof("payload") != "data":
+            raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
+                                 "only the first SubmitUpdate message may be a header; the rest carry data")
+        yield message.data
+
+
+class _Servicer(pb_grpc.AggregatorServicer):
+    def __init__(self, rounds: RoundManager, config: AggregatorConfig) -> None:
+        self._rounds = rounds
+        self._config = config
+
+    @_unary_response
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+        round_index = self._rounds.join(authenticated_client(context))
+        deadline = self._config.round_deadline_s
+        return pb.JoinResponse(round=round_index, tensors=self._rounds.spec.to_proto(),
+                               max_update_bytes=self._config.max_update_bytes,
+                               min_clients=self._config.min_clients,
+                               round_deadline_s=math.inf if deadline is None else deadline)
+
+    def FetchGlobal(self, request: pb.FetchGlobalRequest,
+                    context: grpc.ServicerContext) -> Iterator[pb.GlobalModelChunk]:
+        try:
+            round_index, sha256, file = self._rounds.open_global(request.round if request.HasField("round") else None)
+        except Exception as err:
+            _abort(context, err)
+        with file:
+            header = pb.GlobalModelHeader(round=round_index, total_bytes=os.fstat(file.fileno()).st_size,
+                                          sha256=sha256)
+            yield pb.GlobalModelChunk(header=header)
+            while chunk := file.read(self._config.chunk_bytes):
+                yield pb.GlobalModelChunk(data=chunk)
+
+    @_unary_response
+    def SubmitUpdate(self, request_iterator: Iterator[pb.SubmitUpdateRequest],
+                     context: grpc.ServicerContext) -> pb.SubmitUpdateResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
+                                 "the first SubmitUpdate message must be the UpdateHeader")
+        ack = self._rounds.submit(authenticated_client(context), first.header, _payload(request_iterator))
+        return pb.SubmitUpdateResponse(round=ack.round, sha256=ack.sha256, duplicate=ack.duplicate,
+                                       accepted_in_round=ack.accepted_in_round)
+
+    @_unary_response
+    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        status = self._rounds.status(authenticated_client(context))
+        return pb.StatusResponse(
+            round=status.round, accepted_in_round=status.accepted_in_round, joined_clients=status.joined_clients,
+            min_clients=status.min_clients, seconds_to_deadline=status.seconds_to_deadline,
+            joined=status.joined, submitted=status.submitted)
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class AggregatorServer:
+    """A FedAvg aggregator served over gRPC, in this process.
+
+    initial_state: the global model's state dict at round 0; may be None when ``state_dir``
+        already holds a state, which is then resumed (the open round and its accepted updates).
+    state_dir: where the global model, the round state and the accepted updates are kept.
+    clients: ``{client_id: token}`` of every client allowed to take part.
+    config: the round policy and limits (:class:`AggregatorConfig`).
+    tls: the server's certificate (and optionally the CA for mutual TLS). Without it the server
+        speaks plaintext, which is only allowed on a loopback address unless ``allow_insecure``.
+    address: ``host:port`` to listen on; port 0 picks a free port (see :attr:`port`).
+    """
+
+    def __init__(self, initial_state: Mapping[str, torch.Tensor] | None = None, *, state_dir: str | Path,
+                 clients: Mapping[str, str], config: AggregatorConfig = AggregatorConfig(),
+                 tls: ServerTLS | None = None, address: str = "127.0.0.1:0", allow_insecure: bool = False) -> None:
+        self._host, _, port = address.rpartition(":")
+        if not self._host or not port.isdigit():
+            raise ValueError(f"address {address!r} is not host:port (e.g. 127.0.0.1:50051, [::1]:0, 0.0.0.0:50051)")
+        if tls is None and not allow_insecure and not _is_loopback(self._host):
+            raise ValueError(f"refusing to serve plaintext on {address}: tokens would cross the network in the "
+                             "clear. Pass tls=ServerTLS(...) (gradguard serve --tls-cert/--tls-key), or "
+                             "allow_insecure=True inside a network you trust")
+        self.config = config
+        self._address = address
+        self._tls = tls
+        tokens = TokenRegistry(clients)
+        self._rounds = RoundManager(initial_state, store=StateStore(state_dir, fsync=config.fsync),
+                                    config=config, known_clients=tokens)
+        self._server = grpc.server(
+            ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="gradguard-rpc"),
+            interceptors=[AuthInterceptor(tokens)],
+            options=[("grpc.so_reuseport", 0)],  # a second server on the same port fails instead of sharing it
+        )
+        pb_grpc.add_AggregatorServicer_to_server(_Servicer(self._rounds, config), self._server)
+        self.port: int | None = None
+
+    def start(self) -> "AggregatorServer":
+        if self._tls is None:
+            port = self._server.add_insecure_port(self._address)
+        else:
+            port = self._server.add_secure_port(self._address, self._tls.credentials())
+        if not port:
+            raise RuntimeError(f"cannot listen on {self._address}: is the port in use?")
+        self.port = port
+        self._server.start()
+        self._rounds.start()
+        log.info("aggregator listening on %s (round %d, %s)", self.address, self.current_round,
+                 "TLS" if self._tls else "plaintext")
+        return self
+
+    def stop(self, grace_s: float | None = 1.0) -> None:
+        """Stop serving; calls in flight get ``grace_s`` seconds to finish."""
+        self._server.stop(grace_s).wait()
+        self._rounds.stop()
+
+    def wait_for_termination(self, timeout_s: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout_s)
+
+    def __enter__(self) -> "AggregatorServer":
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> str:
+        """``host:port`` clients connect to (the bound port when 0 was asked for)."""
+        if self.port is None:
+            raise RuntimeError("the server is not started: call start() first")
+        return f"{self._host}:{self.port}"
+
+    @property
+    def current_round(self) -> int:
+        return self._rounds.round
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the global model of the open round."""
+        return self._rounds.global_state()
+
+    def status(self) -> RoundStatus:
+        return self._rounds.status()
+
+    def wait_for_round(self, round_index: int, timeout_s: float | None = None) -> None:
+        """Block until round ``round_index`` is open; raises TimeoutError after ``timeout_s``."""
+        if not self._rounds.wait_for_round(round_index, timeout_s):
+            status = self.status()
+            raise TimeoutError(f"round {round_index} did not open within {timeout_s} s: round {status.round} has "
+                               f"{status.accepted_in_round} of {status.joined_clients} joined clients' updates "
+                               f"(it needs {status.min_clients})")
