@@ -1,0 +1,139 @@
+"""`gradguard serve` (the aggregator) and `gradguard client` (its client, for scripts and checks).
+
+Secrets never go on the command line, where other users could read them: the server reads the
+tokens from a JSON file, a client reads its token from a file or $GRADGUARD_TOKEN.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from gradguard.transport.auth import ClientTLS, ServerTLS
+from gradguard.transport.client import AggregatorClient
+from gradguard.transport.codec import iter_tensors, load_update, write_tensors
+from gradguard.transport.config import AggregatorConfig
+from gradguard.transport.errors import TransportError
+from gradguard.transport.server import AggregatorServer
+
+TOKEN_ENV = "GRADGUARD_TOKEN"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="run the aggregator (FedAvg over gRPC)",
+                                  description=_serve.__doc__)
+    serve.add_argument("--state-dir", type=Path, required=True,
+                       help="where the global model, round state and accepted updates are kept; an existing "
+                            "state is resumed")
+    serve.add_argument("--clients", type=Path, required=True,
+                       help='JSON file {"client_id": "token", ...} (tokens: python -c "import secrets; '
+                            'print(secrets.token_urlsafe(32))")')
+    serve.add_argument("--model", type=Path,
+                       help="safetensors file with the initial global state dict (needed for a new state dir)")
+    serve.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on (port 0: any free)")
+    defaults = AggregatorConfig()
+    serve.add_argument("--min-clients", type=int, default=defaults.min_clients)
+    serve.add_argument("--round-deadline", type=float, default=defaults.round_deadline_s,
+                       help="seconds after which a round closes without the missing clients (0: no deadline)")
+    serve.add_argument("--max-update-mb", type=float, default=defaults.max_update_bytes / 2**20)
+    serve.add_argument("--rounds", type=int, help="exit once this many rounds are complete")
+    serve.add_argument("--tls-cert", type=Path, help="the server's PEM certificate chain")
+    serve.add_argument("--tls-key", type=Path, help="the server's PEM private key")
+    serve.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
+    serve.add_argument("--allow-insecure", action="store_true",
+                       help="allow plaintext on a non-loopback address (only inside a network you trust)")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.set_defaults(func=_serve)
+
+    client = subparsers.add_parser("client", help="talk to an aggregator: join, status, fetch, submit, wait",
+                                   description=__doc__.splitlines()[0])
+    client.add_argument("--address", default="127.0.0.1:50051")
+    client.add_argument("--client-id", required=True)
+    client.add_argument("--token-file", type=Path, help=f"file holding the token (default: ${TOKEN_ENV})")
+    client.add_argument("--tls-ca", type=Path, help="CA that signed the server's certificate (enables TLS)")
+    client.add_argument("--tls-cert", type=Path, help="this client's certificate, for mutual TLS")
+    client.add_argument("--tls-key", type=Path, help="this client's private key, for mutual TLS")
+    client.add_argument("--server-name", help="name to check the server's certificate against")
+    actions = client.add_subparsers(dest="action", required=True)
+    actions.add_parser("join", help="register with the federation")
+    actions.add_parser("status", help="the open round and its progress")
+    fetch = actions.add_parser("fetch", help="download the global model as safetensors")
+    fetch.add_argument("--out", type=Path, required=True)
+    fetch.add_argument("--round", type=int)
+    submit = actions.add_parser("submit", help="send an update written by gradguard.transport.codec.save_update")
+    submit.add_argument("update", type=Path)
+    wait = actions.add_parser("wait", help="block until a round is open")
+    wait.add_argument("--round", type=int, required=True)
+    wait.add_argument("--timeout", type=float)
+    client.set_defaults(func=_client)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run the aggregator until SIGINT/SIGTERM (or --rounds rounds). Prints its address on stdout."""
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    clients = json.loads(args.clients.read_text())
+    initial = dict(iter_tensors(args.model)) if args.model is not None else None
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise SystemExit("gradguard serve: TLS needs both --tls-cert and --tls-key")
+        tls = ServerTLS(args.tls_cert, args.tls_key, args.tls_client_ca)
+    config = AggregatorConfig(min_clients=args.min_clients, round_deadline_s=args.round_deadline or None,
+                              max_update_bytes=int(args.max_update_mb * 2**20))
+    try:
+        server = AggregatorServer(initial, state_dir=args.state_dir, clients=clients, config=config, tls=tls,
+                                  address=args.address, allow_insecure=args.allow_insecure)
+    except ValueError as err:
+        raise SystemExit(f"gradguard serve: {err}") from None
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    print(f"listening on {server.address}", flush=True)
+    try:
+        while not stop.wait(0.2):
+            if args.rounds is not None and server.current_round >= args.rounds:
+                break
+    finally:
+        server.stop()
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    """One call to the aggregator; prints its result as JSON."""
+    token = args.token_file.read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV)
+    if not token:
+        raise SystemExit(f"gradguard client: give the token with --token-file or ${TOKEN_ENV}")
+    tls = None
+    if args.tls_ca or args.tls_cert:
+        tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.server_name)
+    with AggregatorClient(args.address, client_id=args.client_id, token=token, tls=tls) as client:
+        try:
+            result = _client_action(client, args)
+        except TransportError as err:
+            print(f"gradguard client {args.action}: {err}", file=sys.stderr)
+            return 1
+    json.dump(result, sys.stdout)
+    print()
+    return 0
+
+
+def _client_action(client: AggregatorClient, args: argparse.Namespace) -> dict:
+    if args.action == "join":
+        info = client.join()
+        return {"round": info.round, "tensors": len(info.layout), "min_clients": info.min_clients}
+    if args.action == "status":
+        return dataclasses.asdict(client.status())
+    if args.action == "fetch":
+        round_index, state = client.fetch_global(args.round)
+        write_tensors(args.out, state)
+        return {"round": round_index, "out": str(args.out), "tensors": len(state)}
+    if args.action == "submit":
+        return dataclasses.asdict(client.submit(load_update(args.update)))
+    return dataclasses.asdict(client.wait_for_round(args.round, args.timeout))
