@@ -56,6 +56,13 @@ class RetryPolicy:
         if self.attempts < 1 or self.initial_backoff_s < 0 or self.max_backoff_s < 0 or self.multiplier < 1:
             raise ValueError("RetryPolicy needs attempts >= 1, backoffs >= 0 and multiplier >= 1")
 
+    def channel_options(self) -> list[tuple[str, int]]:
+        """gRPC's own reconnect backoff, aligned with this policy: otherwise a channel that lost
+        its server keeps failing fast for up to its default 120 s backoff, whatever we retry."""
+        initial_ms, max_ms = max(1, int(self.initial_backoff_s * 1000)), max(1, int(self.max_backoff_s * 1000))
+        return [("grpc.initial_reconnect_backoff_ms", initial_ms), ("grpc.min_reconnect_backoff_ms", initial_ms),
+                ("grpc.max_reconnect_backoff_ms", max_ms)]
+
     def backoff_s(self, attempt: int) -> float:
         ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
         return random.uniform(ceiling / 2, ceiling)
@@ -93,10 +100,11 @@ class AggregatorClient:
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
         self._metadata = call_metadata(client_id, token)
+        options = retry.channel_options()
         if tls is None:
-            self._channel = grpc.insecure_channel(address)
+            self._channel = grpc.insecure_channel(address, options=options)
         else:
-            self._channel = grpc.secure_channel(address, tls.credentials(), options=tls.channel_options())
+            self._channel = grpc.secure_channel(address, tls.credentials(), options=options + tls.channel_options())
         self._stub = pb_grpc.AggregatorStub(self._channel)
 
     def close(self) -> None:

@@ -1,0 +1,76 @@
+"""The wire format: safetensors round trips, lean file reads, saved updates, generated code in step."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+
+import gradguard.transport._generated.v1 as generated
+from gradguard.transport.codec import (decode_tensors, encode_tensors, iter_chunks, iter_tensors, load_update,
+                                       save_update, write_tensors)
+from gradguard.update import ProtectedUpdate
+
+ROOT = Path(__file__).resolve().parents[2]
+TENSORS = {
+    "f32": torch.randn(3, 5),
+    "bf16": torch.randn(7).to(torch.bfloat16),
+    "f16": torch.randn(2, 2).half(),
+    "f64": torch.randn(4, dtype=torch.float64),
+    "count": torch.tensor(12345678901, dtype=torch.int64),
+    "mask": torch.tensor([True, False, True]),
+    "empty": torch.zeros(0, 3),
+    "strided": torch.arange(12.0).reshape(3, 4).t(),  # not contiguous
+}
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert torch.equal(got[name], tensor), name
+
+
+def test_generated_code_is_in_step_with_the_proto():
+    recorded = (Path(generated.__file__).parent / "SOURCE.sha256").read_text().split()
+    protos = sorted((ROOT / "protos/gradguard/v1").glob("*.proto"))
+    assert recorded[1::2] == [p.name for p in protos]
+    assert recorded[0::2] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in protos], \
+        "a .proto changed without regenerating: run `make proto` and commit gradguard/transport/_generated"
+
+
+def test_encode_decode_round_trip_every_dtype():
+    _assert_same(decode_tensors(encode_tensors(TENSORS)), TENSORS)
+
+
+def test_iter_tensors_reads_what_safetensors_reads(tmp_path):
+    write_tensors(tmp_path / "t.safetensors", TENSORS)
+    _assert_same(dict(iter_tensors(tmp_path / "t.safetensors")), TENSORS)
+    _assert_same(safetensors.torch.load_file(str(tmp_path / "t.safetensors")), TENSORS)
+
+
+def test_iter_tensors_refuses_a_malformed_file(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(encode_tensors(TENSORS)[:-3])
+    with pytest.raises(safetensors.SafetensorError):
+        list(iter_tensors(tmp_path / "bad.safetensors"))
+
+
+def test_chunks_cover_the_payload_exactly():
+    payload = bytes(range(256)) * 41
+    chunks = list(iter_chunks(payload, 1000))
+    assert [len(c) for c in chunks] == [1000] * 10 + [496] and b"".join(chunks) == payload
+
+
+def test_saved_update_round_trips_with_its_metadata(tmp_path):
+    update = ProtectedUpdate(tensors={"w": torch.randn(2, 3)}, kind="delta", num_samples=8, num_steps=2, round=4,
+                             client_id="c1", learning_rate=0.1, epsilon=3.5, delta=1e-5, metadata={"preset": "default"})
+    save_update(update, tmp_path / "u.safetensors")
+    loaded = load_update(tmp_path / "u.safetensors")
+    _assert_same(loaded.tensors, update.tensors)
+    assert {**vars(loaded), "tensors": None} == {**vars(update), "tensors": None}
+    write_tensors(tmp_path / "plain.safetensors", update.tensors)
+    with pytest.raises(ValueError, match="save_update"):
+        load_update(tmp_path / "plain.safetensors")
