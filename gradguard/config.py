@@ -43,6 +43,8 @@ class GuardConfig:
             reveals back to the image, co-trained on the client's data), "generator" (the paper's
             latent-code generator with gradient + BN-statistics matching) or "none".
         shadow_lr, shadow_steps_per_batch, shadow_width: its optimiser and size.
+        shadow_train_every: co-train the shadow on every n-th local step's batch (its cost is
+            then 1/n of a small decoder step per step; masks change only every refresh anyway).
     Hybrid differential privacy (off when dp_noise_multiplier is None)
         dp_noise_multiplier, dp_max_grad_norm, dp_delta, dp_accountant: Opacus DP-SGD on top
             of the masks; the update then carries (epsilon, delta).
@@ -71,7 +73,8 @@ class GuardConfig:
     shadow: ShadowKind = "feature_inverter"
     shadow_lr: float = 2e-3
     shadow_steps_per_batch: int = 1
-    shadow_width: int = 32
+    shadow_train_every: int = 4
+    shadow_width: int = 16
 
     dp_noise_multiplier: float | None = None
     dp_max_grad_norm: float = 1.0
@@ -93,6 +96,7 @@ class GuardConfig:
             "relevance_weight_min": 0 <= self.relevance_weight_min <= self.relevance_weight_max <= 1,
             "mask_floor": 0 <= self.mask_floor <= 1,
             "shadow_steps_per_batch": self.shadow_steps_per_batch >= 0,
+            "shadow_train_every": self.shadow_train_every >= 1,
             "dp_max_grad_norm": self.dp_max_grad_norm > 0,
         }
         bad = [name for name, ok in checks.items() if not ok]

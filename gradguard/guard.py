@@ -335,6 +335,7 @@ class GradGuard:
         self.total_steps += 1
         self._state.steps += 1
         images, features = self._batch
-        if self.shadow is not None and features is not None:
+        if self.shadow is not None and features is not None and \
+                self.total_steps % self.config.shadow_train_every == 0:
             self.shadow.observe(features, images)
         self._batch = None

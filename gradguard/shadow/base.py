@@ -66,21 +66,20 @@ def per_pixel_error(reconstruction: torch.Tensor, images: torch.Tensor) -> torch
 
 
 def decoder(in_dim: int, image_shape: tuple[int, int, int], width: int) -> nn.Module:
-    """A small transposed-conv decoder from a vector to an image of ``image_shape``.
+    """A small decoder from a vector to an image of ``image_shape``.
 
-    It starts at 1/4 of the image size (or 1x1 for tiny images) and doubles twice.
+    Kept light on purpose (it trains on every step): a Linear to a quarter-resolution grid,
+    one conv at half resolution, one at full resolution.
     """
     channels, height, width_px = image_shape
     h0, w0 = max(height // 4, 1), max(width_px // 4, 1)
     return nn.Sequential(
-        nn.Linear(in_dim, 2 * width * h0 * w0),
-        nn.Unflatten(1, (2 * width, h0, w0)),
+        nn.Linear(in_dim, width * h0 * w0),
+        nn.Unflatten(1, (width, h0, w0)),
         nn.ReLU(),
-        nn.Upsample(scale_factor=2, mode="nearest"),
-        nn.Conv2d(2 * width, width, 3, padding=1),
-        nn.ReLU(),
-        nn.Upsample(size=(height, width_px), mode="bilinear", align_corners=False),
+        nn.Upsample(size=(max(height // 2, 1), max(width_px // 2, 1)), mode="bilinear", align_corners=False),
         nn.Conv2d(width, width, 3, padding=1),
         nn.ReLU(),
+        nn.Upsample(size=(height, width_px), mode="bilinear", align_corners=False),
         nn.Conv2d(width, channels, 3, padding=1),
     )
