@@ -28,8 +28,8 @@ import torch
 from gradguard.transport._generated.v1 import aggregator_pb2 as pb
 from gradguard.transport._generated.v1 import aggregator_pb2_grpc as pb_grpc
 from gradguard.transport.auth import ClientTLS, call_metadata
-from gradguard.transport.codec import (CHUNK_BYTES, decode_tensors, encode_tensors, sha256_hex,
-                                       submit_messages, update_header)
+from gradguard.transport.codec import (CHUNK_BYTES, TensorPayload, decode_tensors, sha256_hex, submit_messages,
+                                       update_header)
 from gradguard.transport.errors import TransportError
 from gradguard.transport.rounds import Ack, RoundStatus
 from gradguard.update import ProtectedUpdate
@@ -170,7 +170,7 @@ class AggregatorClient:
         """
         if update.client_id and update.client_id != self.client_id:
             raise ValueError(f"the update is client {update.client_id!r}'s but this client is {self.client_id!r}")
-        payload = encode_tensors(update.tensors)
+        payload = TensorPayload(update.tensors)
         header = update_header(update, payload, client_id=self.client_id)
         response: pb.SubmitUpdateResponse = self._call("submit", lambda: self._stub.SubmitUpdate(
             submit_messages(header, payload, chunk_bytes=self.chunk_bytes),

@@ -11,6 +11,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors
@@ -21,6 +22,7 @@ from gradguard.transport._generated.v1 import aggregator_pb2 as pb
 from gradguard.update import ProtectedUpdate
 
 CHUNK_BYTES = 1 << 20  # 1 MiB: a quarter of gRPC's default message limit
+PIECE_BYTES = 1 << 20  # what the server holds of one update at a time while checking or summing it
 _READ_BYTES = 1 << 20
 
 # safetensors' dtype codes for the dtypes a model state may hold.
@@ -42,13 +44,77 @@ def dtype_code(dtype: torch.dtype) -> str:
         raise ValueError(f"dtype {dtype} cannot be sent; supported: {sorted(map(str, DTYPE_CODES))}") from None
 
 
-def _cpu_contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+class TensorPayload:
+    """A state dict laid out as a safetensors file, produced without building the file in memory.
+
+    ``safetensors.torch.save`` copies every tensor twice before a byte leaves; this reads the
+    tensors' own memory (one copy per chunk, which protobuf needs anyway), so a client's memory
+    and time stay at one pass per use. Tensors are ordered by element size, largest first, so
+    every tensor's data stays aligned, as in files written by safetensors itself. The tensors
+    must not change while the payload is in use.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str] | None = None) -> None:
+        items = sorted(((name, t.detach().cpu().contiguous()) for name, t in tensors.items()),
+                       key=lambda item: (-item[1].element_size(), item[0]))
+        header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        for name, tensor in items:
+            size = tensor.numel() * tensor.element_size()
+            header[name] = {"dtype": dtype_code(tensor.dtype), "shape": list(tensor.shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self._prefix = struct.pack("<Q", len(raw)) + raw
+        self._tensors = [tensor for _, tensor in items]
+        self.total_bytes = len(self._prefix) + offset
+
+    def buffers(self) -> Iterator[memoryview]:
+        """The payload as consecutive views: the header, then each tensor's bytes."""
+        yield memoryview(self._prefix)
+        for tensor in self._tensors:
+            yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for buffer in self.buffers():
+            digest.update(buffer)
+        return digest.hexdigest()
+
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        """The payload in pieces of ``chunk_bytes`` (the last one shorter)."""
+        parts: list[memoryview] = []
+        pending = 0
+        for buffer in self.buffers():
+            position = 0
+            while position < len(buffer):
+                take = min(chunk_bytes - pending, len(buffer) - position)
+                parts.append(buffer[position:position + take])
+                pending += take
+                position += take
+                if pending == chunk_bytes:
+                    yield b"".join(parts)
+                    parts, pending = [], 0
+        if parts:
+            yield b"".join(parts)
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self.buffers())
+
+    def write(self, path: Path) -> str:
+        """Write the payload to ``path``; returns its SHA-256, computed in the same pass."""
+        digest = hashlib.sha256()
+        with open(path, "wb") as f:
+            for buffer in self.buffers():
+                digest.update(buffer)
+                f.write(buffer)
+        return digest.hexdigest()
 
 
 def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """safetensors bytes of ``tensors`` (moved to CPU; safetensors refuses shared storage)."""
-    return safetensors.torch.save(_cpu_contiguous(tensors))
+    """safetensors bytes of ``tensors`` (moved to CPU)."""
+    return TensorPayload(tensors).to_bytes()
 
 
 def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
@@ -68,14 +134,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def iter_chunks(data: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    view = memoryview(data)
-    for start in range(0, len(view), chunk_bytes):
-        yield bytes(view[start:start + chunk_bytes])
-
-
-def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    safetensors.torch.save_file(_cpu_contiguous(tensors), str(path))
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
+    """Write ``tensors`` as a safetensors file; returns the file's SHA-256."""
+    return TensorPayload(tensors).write(path)
 
 
 def read_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -85,15 +146,27 @@ def read_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     that is not well-formed safetensors: bad header, offsets outside the data, trailing bytes.
     """
     with safetensors.safe_open(str(path), framework="pt") as f:
-        return {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+        slices = {name: f.get_slice(name) for name in f.keys()}
+        return {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in slices.items()}
 
 
-def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of a safetensors file, one at a time, in file order.
+@dataclass(frozen=True)
+class TensorPiece:
+    """A run of consecutive elements of one tensor, as read from a file."""
 
-    Reads each tensor's byte range into its own buffer instead of memory-mapping the file, so
-    the caller's resident memory grows by one tensor, not by the file: this is what keeps the
-    aggregator's memory flat while many updates are checked and summed at once.
+    name: str
+    shape: tuple[int, ...]
+    start: int  # index of values[0] in the flattened tensor
+    values: torch.Tensor  # 1-D
+
+
+def iter_pieces(path: Path, *, max_bytes: int | None = PIECE_BYTES) -> Iterator[TensorPiece]:
+    """The tensors of a safetensors file in file order, in pieces of at most ``max_bytes``
+    (None: whole tensors).
+
+    Reads byte ranges into fresh buffers instead of memory-mapping the file, so the caller's
+    resident memory grows by one piece, not by the file: this is what keeps the aggregator's
+    memory flat while many updates are checked and summed.
     """
     read_layout(path)  # safetensors validates the header and the offsets first
     with open(path, "rb") as f:
@@ -102,23 +175,32 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         header.pop("__metadata__", None)
         base = 8 + header_len
         for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            start, end = entry["data_offsets"]
             dtype = CODE_DTYPES.get(entry["dtype"])
             if dtype is None:
                 raise ValueError(f"tensor {name!r} has dtype {entry['dtype']}, which gradguard does not handle")
-            buffer = bytearray(end - start)
+            start, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            step = end - start if max_bytes is None else max(1, max_bytes // dtype.itemsize) * dtype.itemsize
             f.seek(base + start)
-            f.readinto(buffer)
-            flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-            yield name, flat.reshape(entry["shape"])
+            for offset in range(start, end, step) if end > start else [start]:  # empty: one empty piece
+                buffer = bytearray(min(step, end - offset))
+                f.readinto(buffer)
+                values = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+                yield TensorPiece(name, shape, (offset - start) // dtype.itemsize, values)
 
 
-def update_header(update: ProtectedUpdate, payload: bytes, *, client_id: str) -> pb.UpdateHeader:
-    """The header that precedes ``payload`` (the update's safetensors bytes) on the wire."""
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The whole tensors of a safetensors file, one at a time (see :func:`iter_pieces`)."""
+    for piece in iter_pieces(path, max_bytes=None):
+        yield piece.name, piece.values.reshape(piece.shape)
+
+
+def update_header(update: ProtectedUpdate, payload: TensorPayload, *, client_id: str) -> pb.UpdateHeader:
+    """The header that precedes ``payload`` (the update's tensors) on the wire."""
     header = pb.UpdateHeader(
         round=update.round, client_id=client_id, kind=update.kind, num_samples=update.num_samples,
-        num_steps=update.num_steps, metadata=update.metadata, total_bytes=len(payload),
-        sha256=sha256_hex(payload),
+        num_steps=update.num_steps, metadata=update.metadata, total_bytes=payload.total_bytes,
+        sha256=payload.sha256(),
     )
     for name in ("batch_size", "learning_rate", "epsilon", "delta"):
         value = getattr(update, name)
@@ -127,18 +209,17 @@ def update_header(update: ProtectedUpdate, payload: bytes, *, client_id: str) ->
     return header
 
 
-def submit_messages(header: pb.UpdateHeader, payload: bytes, *,
+def submit_messages(header: pb.UpdateHeader, payload: TensorPayload, *,
                     chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.SubmitUpdateRequest]:
     yield pb.SubmitUpdateRequest(header=header)
-    for chunk in iter_chunks(payload, chunk_bytes):
+    for chunk in payload.chunks(chunk_bytes):
         yield pb.SubmitUpdateRequest(data=chunk)
 
 
 def save_update(update: ProtectedUpdate, path: str | Path) -> None:
     """Write ``update`` to a safetensors file; its metadata travels in the file's header."""
     fields = {f.name: getattr(update, f.name) for f in dataclasses.fields(update) if f.name != "tensors"}
-    safetensors.torch.save_file(_cpu_contiguous(update.tensors), str(path),
-                                metadata={_UPDATE_METADATA_KEY: json.dumps(fields)})
+    TensorPayload(update.tensors, metadata={_UPDATE_METADATA_KEY: json.dumps(fields)}).write(Path(path))
 
 
 def load_update(path: str | Path) -> ProtectedUpdate:

@@ -22,7 +22,7 @@ import grpc
 import torch
 
 from gradguard.transport._generated.v1 import aggregator_pb2 as pb
-from gradguard.transport.codec import file_sha256, iter_tensors
+from gradguard.transport.codec import file_sha256, iter_pieces, iter_tensors, read_layout
 from gradguard.transport.config import AggregatorConfig
 from gradguard.transport.errors import TransportError
 from gradguard.transport.fedavg import WeightedSum
@@ -68,9 +68,12 @@ class RoundManager:
         self._cond = threading.Condition()
         self._checks = threading.BoundedSemaphore(config.max_concurrent_checks)
         self._stopped = False
+        # The global model lives in the state directory only: it is streamed from there on fetch
+        # and read piece by piece when a round closes, so the running sums are the only
+        # model-sized memory the aggregator holds.
         if store.exists():
             self._state = store.load()
-            self._global = self._load_global(initial_state)
+            self.spec = self._check_stored_global(initial_state)
             self._state.joined = [c for c in self._state.joined if c in known_clients]
             self._sum = self._replay()
             log.info("resumed round %d from %s with %d accepted update(s)", self._state.round, store.root,
@@ -78,34 +81,33 @@ class RoundManager:
         else:
             if initial_state is None:
                 raise ValueError(f"{store.root} holds no aggregator state: give the initial global model")
-            self._global = {name: t.detach().cpu().clone() for name, t in initial_state.items()}
-            name, sha = store.write_global(0, self._global)
+            self.spec = ModelSpec.of(initial_state)
+            name, sha = store.write_global(0, initial_state)
             self._state = RoundState(round=0, opened_at=time.time(), global_file=name, global_sha256=sha)
             store.save(self._state)
-            self._sum = WeightedSum()
-        self.spec = ModelSpec.of(self._global)
+            self._sum = WeightedSum(self.spec)
         store.prune(self._state)
         self._closer = threading.Thread(target=self._close_rounds, name="gradguard-round-closer", daemon=True)
 
-    def _load_global(self, initial_state: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    def _check_stored_global(self, initial_state: Mapping[str, torch.Tensor] | None) -> ModelSpec:
         path = self._store.global_path(self._state)
         if not path.exists() or file_sha256(path) != self._state.global_sha256:
             raise ValueError(f"{path} is missing or does not match its checksum in state.json; restore the "
                              "state directory from a backup or start from an empty one")
-        stored = dict(iter_tensors(path))
-        if initial_state is not None and ModelSpec.of(initial_state) != ModelSpec.of(stored):
+        spec = ModelSpec(read_layout(path))
+        if initial_state is not None and ModelSpec.of(initial_state) != spec:
             raise ValueError(f"{self._store.root} holds the state of a different model (other names, dtypes "
                              "or shapes); use another state directory, or pass the model it was started with")
-        return stored
+        return spec
 
     def _replay(self) -> WeightedSum:
         """The running sum of the open round, rebuilt from the accepted updates on disk."""
-        total = WeightedSum()
+        total = WeightedSum(self.spec)
         for client_id, record in self._state.accepted.items():
             path = self._store.update_path(self._state.round, client_id)
             if not path.exists() or file_sha256(path) != record.sha256:
                 raise ValueError(f"accepted update {path} is missing or corrupted; restore the state directory")
-            total.add(iter_tensors(path), record.num_samples)
+            total.add(iter_pieces(path), record.num_samples)
         return total
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ class RoundManager:
 
     def global_state(self) -> dict[str, torch.Tensor]:
         with self._cond:
-            return {name: t.clone() for name, t in self._global.items()}
+            return dict(iter_tensors(self._store.global_path(self._state)))
 
     def status(self, client_id: str | None = None) -> RoundStatus:
         with self._cond:
@@ -229,7 +231,7 @@ class RoundManager:
         state = replace(self._state, joined=joined, accepted={**self._state.accepted, client_id: record})
         self._store.save(state)  # from here on the update survives a crash: only now is it accepted
         self._state = state
-        self._sum.add(iter_tensors(self._store.update_path(round_index, client_id)), header.num_samples)
+        self._sum.add(iter_pieces(self._store.update_path(round_index, client_id)), header.num_samples)
         log.info("accepted the update of %s for round %d (%d samples, %d/%d updates)", client_id, round_index,
                  header.num_samples, len(state.accepted), len(state.joined))
         self._cond.notify_all()
@@ -249,7 +251,7 @@ class RoundManager:
     def _close_round(self) -> None:
         closing = self._state
         try:
-            new_global = self._sum.mean_added_to(self._global)
+            new_global = self._sum.mean_added_to(iter_pieces(self._store.global_path(closing)))
             name, sha = self._store.write_global(closing.round + 1, new_global)
             state = RoundState(round=closing.round + 1, opened_at=time.time(), global_file=name,
                                global_sha256=sha, joined=list(closing.joined))
@@ -257,7 +259,8 @@ class RoundManager:
         except BaseException:
             self._sum = self._replay()  # the sums were spent; the round stays open as it was
             raise
-        self._state, self._global, self._sum = state, new_global, WeightedSum()
+        self._state = state
+        self._sum.reset()
         self._store.prune(state)
         log.info("closed round %d with %d update(s) (%d samples); round %d is open", closing.round,
                  len(closing.accepted), sum(r.num_samples for r in closing.accepted.values()), state.round)

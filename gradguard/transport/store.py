@@ -21,12 +21,14 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
-from gradguard.transport.codec import file_sha256, write_tensors
+from gradguard.transport.codec import write_tensors
 
 _FORMAT = 1
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,7 @@ class StateStore:
     def write_global(self, round_index: int, tensors: Mapping[str, torch.Tensor]) -> tuple[str, str]:
         """Write the global model of ``round_index``; returns (file name, sha256)."""
         path = self.root / f"global-{round_index:06d}.safetensors"
-        self._atomic_write(path, lambda tmp: write_tensors(tmp, tensors))
-        return path.name, file_sha256(path)
+        return path.name, self._atomic_write(path, lambda tmp: write_tensors(tmp, tensors))
 
     def update_path(self, round_index: int, client_id: str) -> Path:
         return self._updates / f"round-{round_index:06d}" / f"{client_id}.safetensors"
@@ -134,10 +135,11 @@ class StateStore:
         for path in self.root.glob(".*.tmp"):
             path.unlink(missing_ok=True)
 
-    def _atomic_write(self, path: Path, write: Callable[[Path], object]) -> None:
+    def _atomic_write(self, path: Path, write: Callable[[Path], _T]) -> _T:
+        """Run ``write`` on a temporary file, then move it to ``path``; returns what ``write`` returned."""
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            write(tmp)
+            result = write(tmp)
             if self.fsync:
                 _fsync(tmp)
             os.replace(tmp, path)
@@ -145,6 +147,7 @@ class StateStore:
             tmp.unlink(missing_ok=True)
         if self.fsync:
             _fsync(path.parent)
+        return result
 
 
 def _fsync(path: Path) -> None:

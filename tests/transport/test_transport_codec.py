@@ -10,8 +10,8 @@ import safetensors.torch
 import torch
 
 import gradguard.transport._generated.v1 as generated
-from gradguard.transport.codec import (decode_tensors, encode_tensors, iter_chunks, iter_tensors, load_update,
-                                       save_update, write_tensors)
+from gradguard.transport.codec import (TensorPayload, decode_tensors, encode_tensors, file_sha256, iter_pieces,
+                                       iter_tensors, load_update, save_update, write_tensors)
 from gradguard.update import ProtectedUpdate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,10 +58,26 @@ def test_iter_tensors_refuses_a_malformed_file(tmp_path):
         list(iter_tensors(tmp_path / "bad.safetensors"))
 
 
-def test_chunks_cover_the_payload_exactly():
-    payload = bytes(range(256)) * 41
-    chunks = list(iter_chunks(payload, 1000))
-    assert [len(c) for c in chunks] == [1000] * 10 + [496] and b"".join(chunks) == payload
+def test_payload_chunks_checksum_and_file_agree_with_its_bytes(tmp_path):
+    payload = TensorPayload(TENSORS)
+    data = payload.to_bytes()
+    assert len(data) == payload.total_bytes
+    chunks = list(payload.chunks(1000))
+    assert all(len(c) == 1000 for c in chunks[:-1]) and 0 < len(chunks[-1]) <= 1000
+    assert b"".join(chunks) == data
+    assert payload.write(tmp_path / "p.safetensors") == payload.sha256() == hashlib.sha256(data).hexdigest()
+    assert file_sha256(tmp_path / "p.safetensors") == payload.sha256()
+
+
+def test_pieces_cover_each_tensor_in_order(tmp_path):
+    big = {"w": torch.randn(1000, 3), "h": torch.randn(7).half()}
+    write_tensors(tmp_path / "t.safetensors", big)
+    pieces = list(iter_pieces(tmp_path / "t.safetensors", max_bytes=1000))
+    for name, tensor in big.items():
+        mine = [p for p in pieces if p.name == name]
+        assert all(p.shape == tuple(tensor.shape) for p in mine)
+        assert [p.start for p in mine] == list(range(0, tensor.numel(), 1000 // tensor.element_size()))
+        assert torch.equal(torch.cat([p.values for p in mine]), tensor.reshape(-1))
 
 
 def test_saved_update_round_trips_with_its_metadata(tmp_path):

@@ -17,7 +17,7 @@ from torch import nn
 from gradguard.transport._generated.v1 import aggregator_pb2 as pb
 from gradguard.transport._generated.v1 import aggregator_pb2_grpc as pb_grpc
 from gradguard.transport.auth import call_metadata
-from gradguard.transport.codec import iter_chunks
+from gradguard.transport.codec import CHUNK_BYTES
 from gradguard.update import ProtectedUpdate
 
 
@@ -60,7 +60,8 @@ def assert_states_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 def raw_submit(address: str, client_id: str, token: str, header: pb.UpdateHeader,
                payload: bytes) -> pb.SubmitUpdateResponse:
     """One SubmitUpdate call with a hand-made header and payload (no client-side checks)."""
-    messages = [pb.SubmitUpdateRequest(header=header)] + [pb.SubmitUpdateRequest(data=c) for c in iter_chunks(payload)]
+    chunks = [payload[i:i + CHUNK_BYTES] for i in range(0, len(payload), CHUNK_BYTES)]
+    messages = [pb.SubmitUpdateRequest(header=header)] + [pb.SubmitUpdateRequest(data=c) for c in chunks]
     with grpc.insecure_channel(address) as channel:
         return pb_grpc.AggregatorStub(channel).SubmitUpdate(iter(messages), metadata=call_metadata(client_id, token),
                                                             timeout=30)

@@ -1,0 +1,270 @@
+"""The gRPC transport on loopback, in one run.
+
+1. Throughput: a ResNet-18-sized update (about 45 MB) submitted through AggregatorClient to a
+   `gradguard serve` process (encode, checksum, stream, check, persist, ack: the whole call), vs
+   the same bytes sent over a plain TCP socket to another process. Median of --repeats,
+   the two interleaved so that machine noise hits both alike.
+2. Crowd: --clients concurrent clients submit to one server with a small model; every update must
+   be accepted and the aggregate must equal FedAvg computed in memory (float64). The server's
+   peak resident memory is reported in units of the model size, above the constant measured by
+   the same run with a tiny model (interpreter, libraries, connections, threads): the target is
+   peak <= 3 x model size + that constant.
+
+    python benchmarks/transport.py [--repeats 5] [--clients 100] [--small-width 768]
+
+Writes benchmarks/results/transport.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from _common import write_result
+from gradguard.eval.models import resnet18
+from gradguard.transport import AggregatorClient, AggregatorConfig, generate_tokens
+from gradguard.transport.codec import encode_tensors, write_tensors
+from gradguard.update import ProtectedUpdate
+
+MB = 2**20
+
+
+# -- processes ------------------------------------------------------------------------------------
+def start_server(workdir: Path, state: dict[str, torch.Tensor], tokens: dict[str, str],
+                 min_clients: int) -> tuple[subprocess.Popen, str]:
+    """`gradguard serve` on a free loopback port, with its own state directory."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_tensors(workdir / "model.safetensors", state)
+    (workdir / "clients.json").write_text(json.dumps(tokens))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gradguard.cli", "serve", "--state-dir", str(workdir / "state"),
+         "--clients", str(workdir / "clients.json"), "--model", str(workdir / "model.safetensors"),
+         "--address", "127.0.0.1:0", "--min-clients", str(min_clients), "--round-deadline", "0",
+         "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    if not line.startswith("listening on "):
+        process.kill()
+        raise RuntimeError(f"gradguard serve did not start: {line!r}")
+    return process, line.split()[-1]
+
+
+def tcp_sink() -> None:
+    """The baseline's receiver: for each connection, read a length and that many bytes, ack."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        print(server.getsockname()[1], flush=True)
+        while True:
+            conn, _ = server.accept()
+            with conn:
+                size = struct.unpack("<Q", conn.recv(8, socket.MSG_WAITALL))[0]
+                view, received = memoryview(bytearray(size)), 0
+                while received < size:
+                    received += conn.recv_into(view[received:])
+                conn.sendall(b"k")
+
+
+def tcp_send(port: int, payload: bytes) -> float:
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(struct.pack("<Q", len(payload)))
+        conn.sendall(payload)
+        assert conn.recv(1) == b"k"
+    return time.perf_counter() - start
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, in kB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM")}
+
+
+def reset_peak(pid: int) -> None:
+    """Restart a process's VmHWM from its current RSS (Linux >= 4.0)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+# -- 1. throughput --------------------------------------------------------------------------------
+def delta_for(state: dict[str, torch.Tensor], seed: int, scale: float = 1e-3) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(t.shape, generator=generator) * scale for name, t in state.items()
+            if t.is_floating_point()}
+
+
+def measure_throughput(repeats: int, workdir: Path) -> dict[str, float]:
+    state = resnet18(in_channels=3, num_classes=10).state_dict()
+    delta = delta_for(state, seed=0)
+    payload = encode_tensors(delta)
+    tokens = generate_tokens(["bench"])
+    server, address = start_server(workdir, state, tokens, min_clients=1)
+    sink = subprocess.Popen([sys.executable, __file__, "--tcp-sink"], stdout=subprocess.PIPE, text=True)
+    port = int(sink.stdout.readline())
+    grpc_s, tcp_s, fetch_s = [], [], []
+    try:
+        with AggregatorClient(address, client_id="bench", token=tokens["bench"]) as client:
+            client.join()
+            tcp_send(port, payload)  # warm both paths once
+            for round_index in tqdm(range(repeats + 1), desc="45 MB update", unit="round"):
+                update = ProtectedUpdate(tensors=delta, kind="delta", num_samples=1, num_steps=1, round=round_index)
+                start = time.perf_counter()
+                client.submit(update)
+                elapsed = time.perf_counter() - start
+                client.wait_for_round(round_index + 1, timeout_s=120, poll_s=0.02)
+                start = time.perf_counter()
+                client.fetch_global()
+                fetched = time.perf_counter() - start
+                tcp = tcp_send(port, payload)
+                if round_index > 0:  # round 0 warms the server's code paths
+                    grpc_s.append(elapsed)
+                    fetch_s.append(fetched)
+                    tcp_s.append(tcp)
+    finally:
+        for process in (server, sink):
+            process.kill()
+            process.wait()
+    size = len(payload)
+    grpc_median, tcp_median = statistics.median(grpc_s), statistics.median(tcp_s)
+    return {
+        "update_bytes": size,
+        "grpc_submit_s": grpc_median,
+        "tcp_send_s": tcp_median,
+        "grpc_submit_mb_s": size / MB / grpc_median,
+        "tcp_mb_s": size / MB / tcp_median,
+        "grpc_fetch_mb_s": size / MB / statistics.median(fetch_s),
+        "throughput_ratio_vs_tcp": tcp_median / grpc_median,
+    }
+
+
+# -- 2. many clients ------------------------------------------------------------------------------
+def small_state(width: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, width),
+                          nn.Linear(width, 10))
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def crowd_round(clients: int, state: dict[str, torch.Tensor], workdir: Path) -> dict[str, object]:
+    """Every client submits in round 0 (which warms the server's code paths and connections up)
+    and again in round 1, which is measured: all at once, from a common start line. Returns the
+    server's RSS before round 1 and its peak during it, the acks, and the aggregate's error
+    against FedAvg computed in memory (float64)."""
+    weights = [1 + i % 7 for i in range(clients)]
+    mean = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in state.items() if t.is_floating_point()}
+    for i, weight in enumerate(weights):  # one update at a time
+        for name, value in delta_for(state, seed=i).items():
+            mean[name] += value.double() * weight / sum(weights)
+    reference = {name: state[name].double() + 2 * value for name, value in mean.items()}  # two rounds
+
+    tokens = generate_tokens([f"client{i:03d}" for i in range(clients)])
+    server, address = start_server(workdir, state, tokens, min_clients=clients)
+    acks, errors = [], []
+    start_lines = [threading.Barrier(clients + 1) for _ in range(2)]
+
+    def run(i: int) -> None:
+        client_id = f"client{i:03d}"
+        delta = delta_for(state, seed=i)
+        with AggregatorClient(address, client_id=client_id, token=tokens[client_id]) as client:
+            client.join()
+            try:
+                for round_index, start_line in enumerate(start_lines):
+                    start_line.wait()
+                    update = ProtectedUpdate(tensors=delta, kind="delta", num_samples=weights[i], num_steps=1,
+                                             round=round_index)
+                    ack = client.submit(update)
+                    client.wait_for_round(round_index + 1, timeout_s=300)
+                acks.append(ack)
+            except Exception as err:  # reported below
+                errors.append(f"{client_id}: {err}")
+                for start_line in start_lines:
+                    start_line.abort()
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        start_lines[0].wait()
+        while start_lines[1].n_waiting < clients:  # round 0 is over for every client
+            time.sleep(0.05)
+        time.sleep(0.5)
+        idle = memory_kb(server.pid)["VmRSS"] * 1024
+        reset_peak(server.pid)
+        start_lines[1].wait()
+        for thread in tqdm(threads, desc=f"{clients} clients", unit="client"):
+            thread.join()
+        peak = memory_kb(server.pid)["VmHWM"] * 1024
+        with AggregatorClient(address, client_id="client000", token=tokens["client000"]) as client:
+            _, aggregate = client.fetch_global(round=2)
+    finally:
+        server.kill()
+        server.wait()
+    error = max(float((aggregate[name].double() - want).abs().max()) for name, want in reference.items())
+    return {"idle": idle, "peak": peak, "accepted": sum(1 for ack in acks if not ack.duplicate),
+            "errors": errors, "error": error}
+
+
+def measure_crowd(clients: int, width: int, workdir: Path) -> dict[str, object]:
+    """The crowd with the small model, and with a tiny one: the tiny run's peak is the constant
+    (interpreter, libraries, connections, threads) that the small model's peak is measured above."""
+    state = small_state(width)
+    model_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    constant = crowd_round(clients, small_state(8), workdir / "constant")
+    run = crowd_round(clients, state, workdir / "measured")
+    return {
+        "clients": clients,
+        "clients_accepted": run["accepted"],
+        "client_errors": (run["errors"] + constant["errors"])[:5],
+        "aggregate_max_abs_error": run["error"],
+        "aggregate_correct": run["error"] <= 1e-6 and not run["errors"],
+        "small_model_bytes": model_bytes,
+        "server_peak_rss_bytes": run["peak"],
+        "server_constant_rss_bytes": constant["peak"],
+        "round_rss_growth_over_model_size": (run["peak"] - run["idle"]) / model_bytes,
+        "peak_rss_over_model_size": (run["peak"] - constant["peak"]) / model_bytes,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--small-width", type=int, default=768, help="hidden width of the crowd's small model")
+    parser.add_argument("--tcp-sink", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.tcp_sink:
+        return tcp_sink()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as first, tempfile.TemporaryDirectory() as second:
+        throughput = measure_throughput(args.repeats, Path(first))
+        crowd = measure_crowd(args.clients, args.small_width, Path(second))
+    figures = {
+        "throughput_ratio_vs_tcp": round(throughput.pop("throughput_ratio_vs_tcp"), 3),
+        "clients": crowd.pop("clients"),
+        "clients_accepted": crowd.pop("clients_accepted"),
+        "peak_rss_over_model_size": round(crowd.pop("peak_rss_over_model_size"), 3),
+        **throughput, **crowd,
+    }
+    defaults = AggregatorConfig()
+    write_result("transport", figures, {
+        "repeats": args.repeats, "small_width": args.small_width, "chunk_bytes": defaults.chunk_bytes,
+        "max_workers": defaults.max_workers, "max_concurrent_checks": defaults.max_concurrent_checks,
+        "fsync": defaults.fsync, "cpus": os.cpu_count(),
+        "targets": {"throughput_ratio_vs_tcp": ">= 0.5", "peak_rss_over_model_size": "< 3"},
+    })
+    print(json.dumps({k: figures[k] for k in ("throughput_ratio_vs_tcp", "clients", "clients_accepted",
+                                              "peak_rss_over_model_size", "aggregate_correct")}))
+
+
+if __name__ == "__main__":
+    main()
