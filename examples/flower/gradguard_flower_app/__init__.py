@@ -1,0 +1,1 @@
+"""GradGuard on Flower: 3 hospitals train a chest X-ray classifier on PneumoniaMNIST, sharing only protected updates."""
