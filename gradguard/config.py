@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-NoiseKind = Literal["gaussian", "uniform", "mask"]
+NoiseKind = Literal["gaussian", "smooth", "uniform", "mask"]
 ShadowKind = Literal["feature_inverter", "generator", "none"]
 RelevanceMethod = Literal["gradcam", "guided_gradcam", "saliency", "integrated_gradients", "none"]
 CombineRule = Literal["product", "subtract"]
@@ -18,8 +18,10 @@ class GuardConfig:
         noise_amplitude: w_0, the noise's peak amplitude as a fraction of the image's max |x|.
         amplitude_growth: w_t = w_0 * exp(amplitude_growth * t / T). The paper (``shadowdef``)
             uses w_0 = 0.19 and growth 1.0 (noise grows 2.7x over training).
-        noise_kind: "gaussian"/"uniform" draw fresh noise shaped by the mask at every step;
-            "mask" adds the mask itself (a deterministic, sample-specific perturbation).
+        noise_kind: "gaussian"/"uniform" draw fresh white noise shaped by the mask at every step;
+            "smooth" draws Gaussian noise low-passed over ``noise_smoothness`` pixels (a denoising
+            attacker cannot strip it); "mask" adds the mask itself (deterministic, sample-specific).
+        noise_smoothness: the low-pass filter's sigma in pixels for noise_kind="smooth".
         total_rounds: T, the number of FL rounds the schedules run over.
     Masks
         refresh_every: k; a sample's mask is computed when it is first seen and then every k
@@ -59,6 +61,7 @@ class GuardConfig:
     noise_amplitude: float = 0.15
     amplitude_growth: float = 0.0
     noise_kind: NoiseKind = "gaussian"
+    noise_smoothness: float = 1.5
     total_rounds: int = 100
 
     refresh_every: int = 10
@@ -90,6 +93,7 @@ class GuardConfig:
     def __post_init__(self) -> None:
         checks = {
             "noise_amplitude": self.noise_amplitude >= 0,
+            "noise_smoothness": self.noise_smoothness > 0,
             "total_rounds": self.total_rounds >= 1,
             "refresh_every": self.refresh_every >= 1,
             "mask_momentum": 0 <= self.mask_momentum < 1,

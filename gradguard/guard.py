@@ -264,15 +264,20 @@ class GradGuard:
         return self.shadow
 
     def _noise_like(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-variance noise per pixel (or ones for ``noise_kind="mask"``)."""
+        kind = self.config.noise_kind
+        if kind == "mask":
+            return torch.ones_like(images)
         if self._noise is None or self._noise.device != images.device:
             self._noise = torch.Generator(device=images.device).manual_seed(self.config.seed)
-        if self.config.noise_kind == "gaussian":
-            return torch.randn(images.shape, generator=self._noise, device=images.device, dtype=images.dtype)
-        if self.config.noise_kind == "uniform":
+        if kind == "uniform":
             # Uniform on [-sqrt(3), sqrt(3)] has unit variance, like the Gaussian.
             u = torch.rand(images.shape, generator=self._noise, device=images.device, dtype=images.dtype)
             return (2 * u - 1) * 3 ** 0.5
-        return torch.ones_like(images)
+        white = torch.randn(images.shape, generator=self._noise, device=images.device, dtype=images.dtype)
+        if kind == "smooth":
+            return mk.low_pass_noise(white, sigma=self.config.noise_smoothness)
+        return white
 
     def noised(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x + w_t max|x| M (noise); the same rule the training hook applies."""

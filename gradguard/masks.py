@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 Normalization = Literal["rms", "peak"]
 
@@ -103,6 +104,25 @@ def normalize(mask: torch.Tensor, normalization: Normalization) -> torch.Tensor:
 def smooth(previous: torch.Tensor, fresh: torch.Tensor, *, momentum: float) -> torch.Tensor:
     """Exponential smoothing across refreshes: momentum weights the previous mask."""
     return momentum * previous + (1.0 - momentum) * fresh
+
+
+def low_pass_noise(white: torch.Tensor, *, sigma: float) -> torch.Tensor:
+    """White noise blurred by a Gaussian of ``sigma`` pixels, rescaled to unit variance per sample.
+
+    Denoisers (TV, non-local means) remove white noise from a reconstruction but not spatially
+    correlated noise, so at equal energy this survives an adaptive attacker.
+    """
+    radius = max(int(3 * sigma), 1)
+    offsets = torch.arange(-radius, radius + 1, device=white.device, dtype=white.dtype)
+    kernel = torch.exp(-offsets.pow(2) / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    channels = white.shape[1]
+    rows = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    cols = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    blurred = F.conv2d(F.pad(white, (0, 0, radius, radius), mode="reflect"), rows, groups=channels)
+    blurred = F.conv2d(F.pad(blurred, (radius, radius, 0, 0), mode="reflect"), cols, groups=channels)
+    std = blurred.flatten(1).std(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return blurred / std
 
 
 def sample_id(image: torch.Tensor) -> str:

@@ -84,3 +84,14 @@ def test_config_rejects_bad_values_and_knows_presets():
     paper = GuardConfig.preset("shadowdef")
     assert (paper.noise_amplitude, paper.amplitude_growth, paper.vulnerability_temperature) == (0.19, 1.0, 20.0)
     assert (paper.relevance_weight_min, paper.relevance_weight_max, paper.mask_momentum) == (0.1, 0.5, 0.1)
+
+
+def test_low_pass_noise_has_unit_variance_and_is_spatially_correlated():
+    white = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    smooth = mk.low_pass_noise(white, sigma=1.5)
+    torch.testing.assert_close(smooth.flatten(1).std(dim=1), torch.ones(4))
+
+    def neighbour_correlation(x):
+        return torch.corrcoef(torch.stack([x[..., :, 1:].flatten(), x[..., :, :-1].flatten()]))[0, 1]
+
+    assert abs(neighbour_correlation(white)) < 0.1 < 0.7 < neighbour_correlation(smooth)
