@@ -1,0 +1,101 @@
+"""DP-SGD through Opacus (Abadi et al. 2016): per-sample clipping, Gaussian noise, an RDP accountant.
+
+BatchNorm: per-sample gradients do not exist for batch statistics, and Opacus' GradSampleModule
+refuses BatchNorm layers. Rather than change the architecture (ModuleValidator.fix turns
+BatchNorm into GroupNorm, so DP would train a different model from every other defense), local
+training runs in eval mode: BatchNorm normalises with the global model's running statistics
+(frozen, and never updated from private data without noise) and keeps training its affine
+parameters. Per-sample gradients come from torch.func (vmap of grad); clipping, noise and
+accounting are Opacus' DPOptimizer and accountant. Updates say ``model_mode="eval"``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from gradguard.eval.defenses.base import Batch, Defense, LocalRound, local_sgd, register_defense
+from gradguard.update import UpdateKind, snapshot
+
+
+def per_sample_gradients(model: nn.Module, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """Each sample's cross-entropy gradient per trainable parameter ({name: [B, *shape]}).
+
+    ``model`` must be in eval mode: every sample is then processed on its own, which is what
+    makes a per-sample gradient well defined for BatchNorm models.
+    """
+    if model.training:
+        raise ValueError("per-sample gradients need model.eval() (BatchNorm on running statistics)")
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def sample_loss(weights: dict[str, Tensor], image: Tensor, target: Tensor) -> Tensor:
+        logits = functional_call(model, (weights, buffers), (image.unsqueeze(0),))
+        return F.cross_entropy(logits, target.unsqueeze(0))
+
+    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, images, targets)
+
+
+@register_defense
+class DPSGD(Defense):
+    """Opacus DP-SGD with ``noise_multiplier`` and ``max_grad_norm``; one accountant per client.
+
+    Each local step is one subsampled Gaussian mechanism with sample rate batch / local
+    dataset size (Opacus' Poisson-sampling analysis; the benchmark's shuffled fixed-size
+    batches are the usual approximation of it). :meth:`epsilon` is the accountant's epsilon
+    for all steps a client has taken over all rounds.
+    """
+
+    name = "dpsgd"
+    model_mode = "eval"
+
+    def __init__(self, *, noise_multiplier: float = 1.0, max_grad_norm: float = 1.0, delta: float = 1e-5,
+                 accountant: str = "rdp", seed: int = 0, share: UpdateKind = "delta"):
+        from opacus.accountants import create_accountant
+
+        if noise_multiplier < 0 or max_grad_norm <= 0 or not 0 < delta < 1:
+            raise ValueError(f"need noise_multiplier >= 0, max_grad_norm > 0 and 0 < delta < 1, got "
+                             f"{noise_multiplier}, {max_grad_norm}, {delta}")
+        create_accountant(mechanism=accountant)  # fails early on an unknown accountant name
+        super().__init__(share=share, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         delta=delta, accountant=accountant, seed=seed)
+        self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
+        self._delta, self._accountant_kind = delta, accountant
+        self._generator = torch.Generator().manual_seed(seed)
+        self.accountants: dict = {}
+
+    @property
+    def delta(self) -> float:
+        return self._delta
+
+    def epsilon(self, *, delta: float, client_id: str | None = None) -> float:
+        if client_id is not None:
+            chosen = [self.accountants[client_id]] if client_id in self.accountants else []
+        else:
+            chosen = list(self.accountants.values())
+        return max((float(a.get_epsilon(delta=delta)) for a in chosen if len(a)), default=0.0)
+
+    def _train(self, model: nn.Module, batches: list[Batch], context: LocalRound) -> dict[str, Tensor]:
+        from opacus.accountants import create_accountant
+        from opacus.optimizers import DPOptimizer
+
+        model.eval()
+        before = snapshot(model)
+        device = next(model.parameters()).device
+        if self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self._params["seed"])
+        optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=context.lr),
+                                noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+                                expected_batch_size=context.batch_size, generator=self._generator)
+        accountant = self.accountants.setdefault(context.client_id, create_accountant(self._accountant_kind))
+        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(
+            sample_rate=context.batch_size / context.num_samples))
+        named = dict(model.named_parameters())
+
+        def attach_per_sample(_step: int, images: Tensor, targets: Tensor) -> None:
+            for name, value in per_sample_gradients(model, images, targets).items():
+                named[name].grad_sample = value
+
+        local_sgd(model, batches, lr=context.lr, optimizer=optimizer, after_backward=attach_per_sample)
+        return self.shared_tensors(before, model)
