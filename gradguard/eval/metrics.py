@@ -125,15 +125,32 @@ class LPIPSMetric:
         return self.model(self._prepare(a, "a"), self._prepare(b, "b")).flatten().cpu()
 
     @torch.no_grad()
-    def pairwise(self, recon: Tensor, true: Tensor, *, chunk: int = 256) -> Tensor:
-        """Distances of every reconstruction to every true image: [R, N] (pairs in chunks)."""
-        recon, true = self._prepare(recon, "recon"), self._prepare(true, "true")
-        rows, cols = torch.meshgrid(torch.arange(len(recon)), torch.arange(len(true)), indexing="ij")
-        rows, cols = rows.flatten(), cols.flatten()
-        out = torch.cat([self.model(recon[rows[i:i + chunk]], true[cols[i:i + chunk]]).flatten().cpu()
-                         for i in range(0, len(rows), chunk)])
-        return out.view(len(recon), len(true))
+    def _features(self, images: Tensor, chunk: int) -> list[Tensor]:
+        """lpips' unit-normalised backbone activations per layer, computed once per image."""
+        import lpips
 
+        parts = [self.model.net(self.model.scaling_layer(images[i:i + chunk])) for i in range(0, len(images), chunk)]
+        return [lpips.normalize_tensor(torch.cat([p[k] for p in parts])) for k in range(self.model.L)]
+
+    @torch.no_grad()
+    def pairwise(self, recon: Tensor, true: Tensor, *, chunk: int = 256) -> Tensor:
+        """Distances of every reconstruction to every true image: [R, N].
+
+        The backbone runs once per image; the package's linear heads then score the pairs in
+        chunks, exactly as ``lpips.LPIPS.forward`` scores one pair.
+        """
+        import lpips
+
+        fr = self._features(self._prepare(recon, "recon"), chunk)
+        ft = self._features(self._prepare(true, "true"), chunk)
+        rows, cols = torch.meshgrid(torch.arange(len(fr[0])), torch.arange(len(ft[0])), indexing="ij")
+        rows, cols = rows.flatten().to(self.device), cols.flatten().to(self.device)
+        out = []
+        for i in range(0, len(rows), chunk):
+            r, c = rows[i:i + chunk], cols[i:i + chunk]
+            out.append(sum(lpips.spatial_average(self.model.lins[k]((fr[k][r] - ft[k][c]) ** 2), keepdim=False)
+                           for k in range(self.model.L)).flatten().cpu())
+        return torch.cat(out).view(len(fr[0]), len(ft[0]))
 
 def leakage(reconstructions: Tensor, originals: Tensor, *, lpips_metric: LPIPSMetric) -> dict[str, float]:
     """PSNR / SSIM / LPIPS of a client's reconstructions under both protocols.

@@ -41,6 +41,14 @@ def test_lpips_repeats_grayscale_to_three_channels(lpips_metric):
     torch.testing.assert_close(lpips_metric(a, b), lpips_metric(a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1)))
 
 
+def test_lpips_pairwise_equals_the_packages_own_paired_forward(lpips_metric):
+    gen = torch.Generator().manual_seed(3)
+    recon, true = torch.rand(3, 3, 32, 32, generator=gen), torch.rand(5, 3, 32, 32, generator=gen)
+    table = lpips_metric.pairwise(recon, true, chunk=4)  # chunks that split rows
+    expected = torch.stack([lpips_metric(r.expand(5, -1, -1, -1), true) for r in recon])
+    torch.testing.assert_close(table, expected, atol=1e-6, rtol=0)
+
+
 def test_lpips_refuses_a_missing_weights_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="weights=None"):
         LPIPSMetric(weights=tmp_path / "nope.pth")
