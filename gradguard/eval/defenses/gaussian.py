@@ -1,6 +1,7 @@
 """Gaussian noise on the shared update, scaled per tensor as NVFlare's GaussianPrivacy filter does."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,7 +30,7 @@ class GaussianUpdateNoise(Defense):
     def _protect(self, tensors: dict[str, Tensor], context: LocalRound) -> dict[str, Tensor]:
         noisy = {}
         for name, value in tensors.items():
-            scale = torch.quantile(value.abs().flatten().double(), self.percentile / 100).item()
+            scale = float(np.percentile(value.abs().double().numpy(), self.percentile))  # numpy like NVFlare; torch.quantile caps the size
             noise = torch.randn(value.shape, generator=self._generator, dtype=torch.float64)
             noisy[name] = (value.double() + self.sigma0 * scale * noise).to(value.dtype)
         return noisy
