@@ -30,7 +30,8 @@ class GaussianUpdateNoise(Defense):
     def _protect(self, tensors: dict[str, Tensor], context: LocalRound) -> dict[str, Tensor]:
         noisy = {}
         for name, value in tensors.items():
-            scale = float(np.percentile(value.abs().double().numpy(), self.percentile))  # numpy like NVFlare; torch.quantile caps the size
+            # numpy, as NVFlare does (torch.quantile refuses tensors over 16M entries)
+            scale = float(np.percentile(value.abs().double().numpy(), self.percentile))
             noise = torch.randn(value.shape, generator=self._generator, dtype=torch.float64)
             noisy[name] = (value.double() + self.sigma0 * scale * noise).to(value.dtype)
         return noisy
