@@ -102,6 +102,7 @@ class GradGuard:
         self._global_copy: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._dp: HybridDP | None = None
+        self._accountant: object | None = None  # kept across rounds: epsilon accumulates
         self._state = _RoundState()
         self._pending_ids: list[str] | None = None
         self._pending_labels: torch.Tensor | None = None
@@ -122,6 +123,7 @@ class GradGuard:
             previous.cleanup()
             if previous is not self:
                 self.masks, self.shadow, self.round = previous.masks, previous.shadow, previous.round
+                self._accountant = previous._accountant
         self._model, self._optimizer = model, optimizer
         self._device = self._device or next(model.parameters()).device
         # Copied now, before any hook is attached; each round loads the global weights into it.
@@ -138,7 +140,8 @@ class GradGuard:
             self._dp = HybridDP.attach(model, optimizer, noise_multiplier=cfg.dp_noise_multiplier,
                                        max_grad_norm=cfg.dp_max_grad_norm, batch_size=batch_size,
                                        dataset_size=dataset_size, delta=cfg.dp_delta,
-                                       accountant=cfg.dp_accountant)
+                                       accountant=self._accountant or cfg.dp_accountant)
+            self._accountant = self._dp.accountant
             train_model, train_optimizer = self._dp.module, self._dp.optimizer
         self._handles.append(model.register_forward_pre_hook(self._protect))
         if cfg.shadow != "none":

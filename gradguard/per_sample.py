@@ -64,7 +64,9 @@ class HybridDP:
     @classmethod
     def attach(cls, model: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                max_grad_norm: float, batch_size: int, dataset_size: int, delta: float,
-               accountant: str, generator: torch.Generator | None = None) -> "HybridDP":
+               accountant: str | object, generator: torch.Generator | None = None) -> "HybridDP":
+        """Wrap for DP-SGD. ``accountant`` is a mechanism name for a fresh accountant, or an
+        accountant from an earlier round, so privacy spent accumulates over the whole run."""
         from opacus import GradSampleModule
         from opacus.accountants import create_accountant
         from opacus.optimizers import DPOptimizer
@@ -73,7 +75,7 @@ class HybridDP:
         module = GradSampleModule(model)
         dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                    expected_batch_size=batch_size, generator=generator)
-        tracker = create_accountant(mechanism=accountant)
+        tracker = create_accountant(mechanism=accountant) if isinstance(accountant, str) else accountant
         dp_optimizer.attach_step_hook(tracker.get_optimizer_hook_fn(sample_rate=batch_size / dataset_size))
         return cls(module=module, optimizer=dp_optimizer, accountant=tracker, delta=delta)
 

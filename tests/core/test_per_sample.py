@@ -59,5 +59,14 @@ def test_hybrid_dp_reports_the_opacus_accountant_epsilon(chest_batch):
         reference.step(noise_multiplier=1.1, sample_rate=4 / 16)
     assert update.epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
     assert update.delta == 1e-5 and update.num_steps == 4
+    # the next round (re-wrapped) keeps spending from the same budget
+    dp_model, dp_optimizer = guard.wrap(model, optimizer, batch_size=4, dataset_size=16)
+    for s in range(2):
+        dp_optimizer.zero_grad()
+        F.cross_entropy(dp_model(images[4 * s:4 * s + 4]), labels[4 * s:4 * s + 4]).backward()
+        dp_optimizer.step()
+    for _ in range(2):
+        reference.step(noise_multiplier=1.1, sample_rate=4 / 16)
+    assert guard.protected_update().epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
     guard.cleanup()
     assert not model._forward_pre_hooks
