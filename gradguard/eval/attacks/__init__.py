@@ -1,0 +1,16 @@
+"""Gradient inversion attacks on shared updates, behind one interface and a registry.
+
+``build_attack(name, **overrides)`` gives any registered attack; every attack is called as
+``attack.reconstruct(model=..., update=..., image_shape=..., num_classes=..., labels=None)``.
+"""
+from gradguard.eval.attacks.base import ATTACKS, Attack, AttackConfig, AttackResult, build_attack, register_attack
+from gradguard.eval.attacks.bn_fedavg import BNFedAvgAttack, BNFedAvgConfig
+from gradguard.eval.attacks.dlg import DLG, DLGConfig
+from gradguard.eval.attacks.inverting import InvertingConfig, InvertingGradients
+from gradguard.eval.attacks.labels import recover_labels
+from gradguard.eval.attacks.learned import LearnedConfig, LearnedDecoderAttack
+
+__all__ = [
+    "ATTACKS", "Attack", "AttackConfig", "AttackResult", "BNFedAvgAttack", "BNFedAvgConfig", "DLG", "DLGConfig", "InvertingConfig",
+    "InvertingGradients", "LearnedConfig", "LearnedDecoderAttack", "build_attack", "recover_labels", "register_attack",
+]
