@@ -30,9 +30,9 @@ import hashlib
 import io
 import json
 import secrets
-from logging import ERROR, INFO, WARNING
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -73,11 +73,12 @@ OptimizerFn = Callable[[nn.Module, Context], torch.optim.Optimizer]
 def guard_config(run_config: Mapping[str, Any], *, base: GuardConfig | None = None) -> GuardConfig:
     """The run's GuardConfig: ``base`` (default: ``GuardConfig()``) changed by the run config.
 
-    Keys ``gradguard.<field>`` set GuardConfig fields but the seed, dashes for underscores (in the app's
-    ``pyproject.toml``: ``[tool.flwr.app.config]`` ``gradguard.noise-amplitude = 0.2``, or
-    ``flwr run --run-config "gradguard.noise-amplitude=0.2"``); ``gradguard.preset`` starts from
-    a named preset instead of ``base``. ``total_rounds`` defaults to ``num-server-rounds``, so
-    the noise schedules span the run.
+    Keys ``gradguard.<field>`` set GuardConfig fields (all but the seed, which is the node's),
+    dashes for underscores: ``gradguard.noise-amplitude = 0.2`` in the app's ``pyproject.toml``
+    (``[tool.flwr.app.config]``), then ``flwr run --run-config "gradguard.noise-amplitude=0.3"``
+    (Flower overrides only keys the app declares). ``gradguard.preset`` starts from a named
+    preset instead of ``base``. ``total_rounds`` defaults to ``num-server-rounds``, so the noise
+    schedules span the run.
     """
     changes = {key[len(_CONFIG_PREFIX):].replace("-", "_"): value
                for key, value in run_config.items() if key.startswith(_CONFIG_PREFIX)}

@@ -1,4 +1,5 @@
-"""The ServerApp: FedAvg behind GradGuard's reply checks, evaluated on the test split each round.
+"""The ServerApp: FedAvg behind GradGuard's reply checks, evaluated on the test split each round
+(accuracy, F1, and whether the model collapsed to the majority class).
 
 With ``out-dir`` set, the global model of every round is saved there as
 ``round-<r>.safetensors`` (round 0 is the initial model).
@@ -10,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from safetensors.torch import save_file
 
+from gradguard.eval.bench import evaluate as test_utility
 from gradguard.integrations.flower import GradGuardStrategy
 
 from gradguard_flower_app import task
@@ -31,7 +33,8 @@ def main(grid: Grid, context: Context) -> None:
             save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / f"round-{server_round}.safetensors"))
         model = task.build_model()
         model.load_state_dict(state)
-        return MetricRecord(task.evaluate_global(model))
+        scores = test_utility(model, task.split_data("test"), device=task.device())
+        return MetricRecord({name: float(value) for name, value in scores.items()})  # collapsed: 1.0 = yes
 
     strategy = GradGuardStrategy(FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=nodes,
                                         min_available_nodes=nodes))

@@ -16,7 +16,6 @@ from torch import nn
 from gradguard import GradGuard
 from gradguard.eval.datasets import ImageSet, load_medmnist
 from gradguard.eval.defenses import local_sgd
-from gradguard.eval.metrics import utility
 from gradguard.eval.models import SmallCNN
 from gradguard.eval.partition import ClientLayout, partition_clients
 
@@ -45,7 +44,8 @@ def build_optimizer(model: nn.Module, context: Context) -> torch.optim.Optimizer
 
 
 @lru_cache(maxsize=2)
-def _split(split: str) -> ImageSet:
+def split_data(split: str) -> ImageSet:
+    """A split of the dataset at the example's resolution (loaded once per process)."""
     return load_medmnist(DATASET, split, size=IMAGE_SIZE)
 
 
@@ -56,7 +56,7 @@ def client_indices(context: Context) -> tuple[int, ...]:
     run = context.run_config
     layout = ClientLayout(batch_sizes=(int(run["batch-size"]),) * count,
                           dataset_sizes=tuple(int(run["client-images"]) * (i + 1) for i in range(count)))
-    clients = partition_clients(_split("train").labels, layout=layout, seed=int(run["seed"]))
+    clients = partition_clients(split_data("train").labels, layout=layout, seed=int(run["seed"]))
     return clients[partition].indices
 
 
@@ -68,7 +68,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, guard: GradGuard, 
     true class.
     """
     run = context.run_config
-    data, indices = _split("train"), torch.tensor(client_indices(context))
+    data, indices = split_data("train"), torch.tensor(client_indices(context))
     order = torch.Generator().manual_seed(
         int(run["seed"]) * 1_000_003 + int(context.node_config["partition-id"]) * 1_009 + guard.round)
     batches, names = [], []
@@ -82,12 +82,3 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, guard: GradGuard, 
 
     model.train()
     local_sgd(model, batches, lr=float(run["lr"]), optimizer=optimizer, before_forward=name_samples)
-
-
-@torch.no_grad()
-def evaluate_global(model: nn.Module) -> dict[str, float]:
-    """Accuracy, micro-F1 and macro-F1 of ``model`` on the test split."""
-    data = _split("test")
-    model.eval()
-    predictions = torch.cat([model(images.to(device())).argmax(1).cpu() for images in data.images.split(256)])
-    return utility(data.labels, predictions, data.num_classes)
