@@ -62,9 +62,6 @@ class TokenRegistry:
     def __contains__(self, client_id: object) -> bool:
         return client_id in self._digests
 
-    def __len__(self) -> int:
-        return len(self._digests)
-
     def verify(self, client_id: str, token: str) -> bool:
         expected = self._digests.get(client_id, self._dummy)
         return hmac.compare_digest(_digest(token), expected) and client_id in self._digests

@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="seconds after which a round closes without the missing clients (0: no deadline)")
     serve.add_argument("--max-update-mb", type=float, default=defaults.max_update_bytes / 2**20)
     serve.add_argument("--rounds", type=int, help="exit once this many rounds are complete")
+    serve.add_argument("--no-fsync", action="store_true",
+                       help="acknowledge updates before they reach the disk: faster, and they still survive "
+                            "a crash of the server, but not of the machine")
     serve.add_argument("--tls-cert", type=Path, help="the server's PEM certificate chain")
     serve.add_argument("--tls-key", type=Path, help="the server's PEM private key")
     serve.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
@@ -78,16 +81,18 @@ def _serve(args: argparse.Namespace) -> int:
     """Run the aggregator until SIGINT/SIGTERM (or --rounds rounds). Prints its address on stdout."""
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     clients = json.loads(args.clients.read_text())
-    initial = dict(iter_tensors(args.model)) if args.model is not None else None
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise SystemExit("gradguard serve: TLS needs both --tls-cert and --tls-key")
         tls = ServerTLS(args.tls_cert, args.tls_key, args.tls_client_ca)
     config = AggregatorConfig(min_clients=args.min_clients, round_deadline_s=args.round_deadline or None,
-                              max_update_bytes=int(args.max_update_mb * 2**20))
+                              max_update_bytes=int(args.max_update_mb * 2**20), fsync=not args.no_fsync)
     try:
-        server = AggregatorServer(initial, state_dir=args.state_dir, clients=clients, config=config, tls=tls,
+        # Not kept in a variable: the server holds the global model on disk only, and a copy
+        # alive here would cost as much memory as the model for as long as the server runs.
+        server = AggregatorServer(dict(iter_tensors(args.model)) if args.model is not None else None,
+                                  state_dir=args.state_dir, clients=clients, config=config, tls=tls,
                                   address=args.address, allow_insecure=args.allow_insecure)
     except ValueError as err:
         raise SystemExit(f"gradguard serve: {err}") from None

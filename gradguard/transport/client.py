@@ -88,12 +88,15 @@ class AggregatorClient:
     tls: how to check the server's certificate (and the client certificate for mutual TLS);
         None speaks plaintext, for a server on loopback.
     retry: the retries on UNAVAILABLE.
+    chunk_bytes: size of the pieces an update is sent in (at most 1 MiB, what servers accept).
     timeout_s: deadline of each call (a submit or fetch of a large model included).
     """
 
     def __init__(self, address: str, *, client_id: str, token: str, tls: ClientTLS | None = None,
                  retry: RetryPolicy = RetryPolicy(), chunk_bytes: int = CHUNK_BYTES,
                  timeout_s: float = 300.0) -> None:
+        if not 0 < chunk_bytes <= CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in 1..{CHUNK_BYTES}: servers refuse larger messages")
         self.address = address
         self.client_id = client_id
         self.retry = retry

@@ -21,7 +21,10 @@ import torch
 from gradguard.transport._generated.v1 import aggregator_pb2 as pb
 from gradguard.update import ProtectedUpdate
 
-CHUNK_BYTES = 1 << 20  # 1 MiB: a quarter of gRPC's default message limit
+CHUNK_BYTES = 1 << 20  # 1 MiB, the largest chunk a client sends: a quarter of gRPC's default limit
+# The largest message a server accepts: a chunk plus room for a header. Bounding it bounds what
+# one call can make the server hold at once, whatever chunk size a client would like to use.
+MAX_MESSAGE_BYTES = CHUNK_BYTES + (64 << 10)
 PIECE_BYTES = 1 << 20  # what the server holds of one update at a time while checking or summing it
 _READ_BYTES = 1 << 20
 

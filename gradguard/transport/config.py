@@ -24,8 +24,10 @@ class AggregatorConfig:
         fits a ResNet-50-sized float32 update with room to spare.
     chunk_bytes: size of the chunks the server streams the global model in.
     max_workers: threads serving calls; calls beyond it wait for a free thread.
-    max_concurrent_checks: updates checked and summed at the same time. Each holds up to one
-        tensor in memory, so this bounds the server's memory whatever the number of clients.
+    max_concurrent_updates: updates received, checked and summed at the same time. Each holds
+        one chunk and one piece of a tensor in memory; the others wait with at most gRPC's 64 KiB
+        window buffered, so the server's memory does not grow with the number of clients (or
+        with its thread count). Only authenticated clients with a valid header take a slot.
     fsync: flush the state directory to the disk before acknowledging an update, so that an
         acknowledged update survives a power loss too (SIGKILL alone needs no fsync).
     """
@@ -35,7 +37,7 @@ class AggregatorConfig:
     max_update_bytes: int = 512 * 2**20
     chunk_bytes: int = CHUNK_BYTES
     max_workers: int = 16
-    max_concurrent_checks: int = 2
+    max_concurrent_updates: int = 4
     fsync: bool = True
 
     def __post_init__(self) -> None:
@@ -45,7 +47,7 @@ class AggregatorConfig:
             "max_update_bytes": self.max_update_bytes > 0,
             "chunk_bytes": 0 < self.chunk_bytes <= 4 * 2**20 - 1024,
             "max_workers": self.max_workers >= 1,
-            "max_concurrent_checks": self.max_concurrent_checks >= 1,
+            "max_concurrent_updates": self.max_concurrent_updates >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -1,9 +1,9 @@
 """The aggregator's rounds: who joined, which updates count, when a round closes. No gRPC here.
 
 One lock guards the round state. An update is received into a file and checked outside the
-lock (at most ``max_concurrent_checks`` at once, one tensor in memory each); only the final
-"still the right round, not a duplicate" check, the commit to the state directory and the
-running sum happen under it. A background thread closes a round when its conditions hold
+lock (at most ``max_concurrent_updates`` at once, one chunk and one piece in memory each);
+only the final "still the right round, not a duplicate" check, the commit to the state
+directory and the running sum happen under it. A background thread closes a round when its conditions hold
 (see :class:`AggregatorConfig`), so the last client's acknowledgement never waits for the close.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ class RoundManager:
         self._store = store
         self._config = config
         self._cond = threading.Condition()
-        self._checks = threading.BoundedSemaphore(config.max_concurrent_checks)
+        self._slots = threading.BoundedSemaphore(config.max_concurrent_updates)
         self._stopped = False
         # The global model lives in the state directory only: it is streamed from there on fetch
         # and read piece by piece when a round closes, so the running sums are the only
@@ -173,8 +173,8 @@ class RoundManager:
             return duplicate
         part = self._store.incoming_path()
         try:
-            self._receive(chunks, part, header)
-            with self._checks:
+            with self._slots:
+                self._receive(chunks, part, header)
                 check_payload(part, self.spec)
                 with self._cond:  # the round may have closed, or a twin call won, meanwhile
                     return self._duplicate_or_wrong_round(client_id, header) or self._commit(client_id, header, part)

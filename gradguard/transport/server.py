@@ -26,6 +26,7 @@ import torch
 from gradguard.transport._generated.v1 import aggregator_pb2 as pb
 from gradguard.transport._generated.v1 import aggregator_pb2_grpc as pb_grpc
 from gradguard.transport.auth import CLIENT_ID_KEY, AuthInterceptor, ServerTLS, TokenRegistry, authenticated_client
+from gradguard.transport.codec import MAX_MESSAGE_BYTES
 from gradguard.transport.config import AggregatorConfig
 from gradguard.transport.errors import TransportError
 from gradguard.transport.rounds import RoundManager, RoundStatus
@@ -162,6 +163,7 @@ class AggregatorServer:
                 # worker thread buffers most of its update in memory (measured: 34x the model size
                 # with 100 clients, against 4x without).
                 ("grpc.http2.bdp_probe", 0),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ],
         )
         pb_grpc.add_AggregatorServicer_to_server(_Servicer(self._rounds, config), self._server)
@@ -185,9 +187,6 @@ class AggregatorServer:
         """Stop serving; calls in flight get ``grace_s`` seconds to finish."""
         self._server.stop(grace_s).wait()
         self._rounds.stop()
-
-    def wait_for_termination(self, timeout_s: float | None = None) -> bool:
-        return self._server.wait_for_termination(timeout_s)
 
     def __enter__(self) -> "AggregatorServer":
         return self.start()
