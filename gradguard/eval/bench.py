@@ -1,0 +1,580 @@
+"""`gradguard bench`: the evaluation protocol of DESIGN.md end to end, resumable.
+
+For every dataset and defense setting:
+
+1. **train** (one run per seed): FedAvg over the 9-client layout (scaled), one local epoch per
+   client and round, the defense producing each client's update. The first seed's run keeps the
+   updates of the attacked clients at the capture rounds (early, middle, last), together with
+   the global model of that round and the client's images: what an attacker sees, plus the truth
+   to score it. The final global model is scored on the test split.
+2. **attack**: every configured attack on every captured update, by registry name; each
+   reconstruction is scored plain and after the adaptive attacker's denoising, and the stronger
+   (higher PSNR) counts.
+3. **report**: ``results.json``, a Markdown table per dataset, image grids and a privacy-utility
+   plot (:mod:`gradguard.eval.report`).
+
+Every finished unit (a training run, an attack cell) is a file written atomically under
+``<out>/cells``, so an interrupted benchmark resumes where it stopped and recomputes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from gradguard.eval.adaptive import adaptive_variants
+from gradguard.eval.attacks import ATTACKS, build_attack
+from gradguard.eval.datasets import ImageSet, load_medmnist
+from gradguard.eval.defenses import DEFENSES, GuardedDefense, build_defense
+from gradguard.eval.metrics import LPIPSMetric, leakage, pairwise_psnr, utility
+from gradguard.eval.models import SmallCNN, build_model
+from gradguard.eval.partition import ClientSpec, Distribution, partition_clients
+from gradguard.eval.report import slugify, write_report
+from gradguard.update import ProtectedUpdate
+
+Mode = Literal["smoke", "quick", "full"]
+_FORMAT = 1
+# A model whose test accuracy is within this of the majority class's share, or that predicts
+# one class for at least _CONSTANT_SHARE of the test images, has collapsed (DESIGN.md).
+_COLLAPSE_MARGIN = 0.005
+_CONSTANT_SHARE = 0.95
+
+
+# ---------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Spec:
+    """A registered defense or attack by name and the parameters it is built with."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``name`` or ``name(key=value,...)``: how tables and plots name this setting."""
+        if not self.params:
+            return self.name
+        return f"{self.name}({','.join(f'{k}={v}' for k, v in sorted(self.params.items()))})"
+
+    @property
+    def slug(self) -> str:
+        """The label as a file name."""
+        return slugify(self.label)
+
+    @classmethod
+    def parse(cls, text: str) -> "Spec":
+        """``"name"`` or ``"name:key=value,key=value"``; values are JSON literals, else strings."""
+        name, _, rest = text.partition(":")
+        params: dict[str, Any] = {}
+        for item in filter(None, rest.split(",")):
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"bad setting {item!r} in {text!r}; write name:key=value,key=value")
+            try:
+                params[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                params[key] = raw
+        if not name:
+            raise ValueError(f"bad spec {text!r}: it names no defense or attack")
+        return cls(name, params)
+
+
+def _specs(*texts: str) -> tuple[Spec, ...]:
+    return tuple(Spec.parse(text) for text in texts)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What a benchmark run covers and how big it is. Defaults are the ``quick`` mode.
+
+    Data and model
+        datasets: MedMNIST names (files in ``gradguard.eval.datasets.data_dir()``).
+        image_size: images are bilinearly resized from 28 px to this size.
+        model, width: "smallcnn" (``width`` channels in its first block) or "resnet18".
+    Federation
+        scale: multiplies the 9-client layout's dataset sizes (the single-image client stays).
+        distribution, alpha: IID, or Dirichlet(alpha) non-IID client data.
+        rounds: FedAvg rounds; each client trains one local epoch (plain SGD, ``lr``) per round.
+        capture_rounds: rounds whose updates are attacked (1-based); None: first, middle, last.
+        clients: attacked client ids; None: the single-image client (the layout's last) and the
+            smallest client whose batches hold more than one image.
+        seeds: utility is reported over all of them; the first one's run is attacked.
+    Defenses and attacks
+        defenses, attacks: registered names with parameters (see :class:`Spec`).
+    Execution
+        device: where training, attacks and LPIPS run ("cpu", "cuda", "cuda:1", ...).
+        progress: tqdm bars.
+    """
+
+    datasets: tuple[str, ...] = ("pneumoniamnist",)
+    image_size: int = 32
+    model: str = "smallcnn"
+    width: int = 16
+    scale: float = 0.1
+    distribution: Distribution = "iid"
+    alpha: float = 0.5
+    rounds: int = 3
+    lr: float = 0.05
+    capture_rounds: tuple[int, ...] | None = None
+    clients: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] = (0,)
+    defenses: tuple[Spec, ...] = _specs(
+        "none", "gradguard", "shadowdef", "untargeted", "relevance_only", "shadow_only",
+        "dpsgd:noise_multiplier=1.0", "gaussian:sigma0=0.1", "gaussian:sigma0=1.0", "pruning:fraction=0.9",
+        "soteria")
+    attacks: tuple[Spec, ...] = _specs("inverting_gradients:iterations=300,restarts=1")
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.datasets:
+            problems.append("datasets is empty")
+        if self.rounds < 1 or self.scale <= 0 or self.lr <= 0 or self.image_size < 8:
+            problems.append("need rounds >= 1, scale > 0, lr > 0 and image_size >= 8")
+        if not self.seeds:
+            problems.append("seeds is empty")
+        if self.model not in ("smallcnn", "resnet18"):
+            problems.append(f"model must be 'smallcnn' or 'resnet18', got {self.model!r}")
+        bad_rounds = [t for t in self.capture_rounds or () if not 1 <= t <= self.rounds]
+        if bad_rounds:
+            problems.append(f"capture_rounds {bad_rounds} lie outside 1..{self.rounds}")
+        unknown = [s.name for s in self.defenses if s.name not in DEFENSES]
+        if unknown or not self.defenses:
+            problems.append(f"unknown defense(s) {unknown}; registered: {sorted(DEFENSES)}")
+        unknown = [s.name for s in self.attacks if s.name not in ATTACKS]
+        if unknown or not self.attacks:
+            problems.append(f"unknown attack(s) {unknown}; registered: {sorted(ATTACKS)}")
+        if len({s.label for s in self.defenses}) != len(self.defenses):
+            problems.append("a defense setting is listed twice")
+        if problems:
+            raise ValueError("invalid benchmark configuration: " + "; ".join(problems))
+
+    @property
+    def rounds_attacked(self) -> tuple[int, ...]:
+        if self.capture_rounds is not None:
+            return tuple(sorted(set(self.capture_rounds)))
+        return tuple(sorted({1, (self.rounds + 1) // 2, self.rounds}))
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings every cached cell depends on; a rerun must match them to reuse cells.
+
+        Datasets, defenses, attacks and further seeds can be added to an existing run."""
+        return {"format": _FORMAT, "image_size": self.image_size, "model": self.model,
+                "width": self.width if self.model == "smallcnn" else None, "scale": self.scale,
+                "distribution": self.distribution,
+                "alpha": self.alpha if self.distribution == "dirichlet" else None,
+                "rounds": self.rounds, "lr": self.lr, "capture_rounds": list(self.rounds_attacked),
+                "clients": list(self.clients) if self.clients else None, "attack_seed": self.seeds[0]}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["defenses"] = [s.label for s in self.defenses]
+        data["attacks"] = [s.label for s in self.attacks]
+        data["capture_rounds"] = list(self.rounds_attacked)
+        return data
+
+
+_ALL_DEFENSES_FULL = _specs(
+    "none", "gradguard", "gradguard:noise_amplitude=0.3", "shadowdef", "untargeted",
+    "untargeted:noise_amplitude=0.3", "relevance_only", "shadow_only",
+    "dpsgd:noise_multiplier=0.3", "dpsgd:noise_multiplier=0.7", "dpsgd:noise_multiplier=1.5",
+    "gaussian:sigma0=0.1", "gaussian:sigma0=0.5", "gaussian:sigma0=1.0",
+    "pruning:fraction=0.5", "pruning:fraction=0.9", "soteria")
+
+
+def mode_config(mode: Mode) -> BenchConfig:
+    """The preset of a mode.
+
+    smoke: the test's plumbing check (3 defenses, 2 rounds, a short attack; about a minute).
+    quick: every defense on PneumoniaMNIST at 0.1 of the layout, 3 rounds, IG 300 steps; under
+        10 minutes on 2 CPU cores. Utility after 3 rounds is not converged: quick mode checks
+        the pipeline and the leakage ordering, not utility.
+    full: both datasets, every defense setting, every registered attack at its full-size
+        defaults, ResNet-18 at 64 px, 0.75 of the layout (RetinaMNIST's training split holds
+        1080 images), 40 rounds, 3 seeds. Sized for a GPU.
+    """
+    if mode == "quick":
+        return BenchConfig()
+    if mode == "smoke":
+        return BenchConfig(rounds=2, defenses=_specs("none", "gradguard", "gaussian:sigma0=1.0"),
+                           attacks=_specs("inverting_gradients:iterations=200,restarts=1"))
+    if mode == "full":
+        return BenchConfig(datasets=("pneumoniamnist", "retinamnist"), image_size=64, model="resnet18",
+                           scale=0.75, rounds=40, lr=0.01, seeds=(0, 1, 2), defenses=_ALL_DEFENSES_FULL,
+                           attacks=tuple(Spec(name) for name in sorted(ATTACKS)))
+    raise KeyError(f"unknown mode {mode!r}; choose smoke, quick or full")
+
+
+# ---------------------------------------------------------------------------- the cache
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temporary file and rename it into place: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n"))
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a run keeps its files under ``root``."""
+
+    root: Path
+
+    def train(self, dataset: str, defense: Spec, seed: int) -> Path:
+        return self.root / "cells" / "train" / dataset / defense.slug / f"seed{seed}.json"
+
+    def capture(self, dataset: str, defense: Spec, round_: int) -> Path:
+        return self.root / "captures" / dataset / defense.slug / f"round{round_}.pt"
+
+    def attack(self, dataset: str, defense: Spec, attack: Spec, round_: int, client: str) -> Path:
+        return self.root / "cells" / "attack" / dataset / defense.slug / attack.slug / f"round{round_}-{client}.json"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run.json"
+
+
+def _check_run(layout: Layout, config: BenchConfig) -> None:
+    """Refuse to mix cells of runs whose settings differ."""
+    fingerprint = config.fingerprint()
+    if layout.run.is_file():
+        stored = _read_json(layout.run)
+        changed = sorted(k for k in fingerprint.keys() | stored.keys() if stored.get(k) != fingerprint.get(k))
+        if changed:
+            raise ValueError(f"{layout.root} holds a benchmark run with other settings ({', '.join(changed)}: "
+                             f"{ {k: stored.get(k) for k in changed} }); use another --out or the same settings")
+    else:
+        _write_json(layout.run, fingerprint)
+
+
+# ---------------------------------------------------------------------------- federation
+@dataclass
+class Data:
+    """A dataset's splits, loaded once per benchmark."""
+
+    train: ImageSet
+    test: ImageSet
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+
+def _model(config: BenchConfig, data: Data) -> nn.Module:
+    channels, classes = data.train.channels, data.train.num_classes
+    if config.model == "smallcnn":  # build_model has no width; the quick modes need a narrower CNN
+        return SmallCNN(channels, classes, width=config.width)
+    return build_model(config.model, in_channels=channels, num_classes=classes)
+
+
+def attacked_clients(config: BenchConfig, clients: Sequence[ClientSpec]) -> list[str]:
+    """The ids of the clients whose updates are attacked (see :class:`BenchConfig`)."""
+    ids = [c.client_id for c in clients]
+    if config.clients is not None:
+        unknown = [c for c in config.clients if c not in ids]
+        if unknown:
+            raise ValueError(f"clients {unknown} are not in the layout; its clients are {ids}")
+        return list(config.clients)
+    # Ties go to the later client: the layout's single-image client is its last one, while a
+    # small scale also shrinks earlier clients to one image.
+    smallest = min(reversed(clients), key=len)
+    batched = [c for c in clients if c.batch_size > 1 and c is not smallest]
+    return [smallest.client_id] + ([min(batched, key=len).client_id] if batched else [])
+
+
+def fedavg(global_state: Mapping[str, Tensor], updates: Sequence[ProtectedUpdate]) -> dict[str, Tensor]:
+    """FedAvg's step: ``global_state`` plus the mean of the updates' deltas weighted by their
+    ``num_samples`` (accumulated in float64); entries no update carries (integer buffers) stay."""
+    if not updates or any(u.kind != "delta" for u in updates):
+        raise ValueError("FedAvg needs at least one update, and only weight deltas (kind='delta')")
+    total = sum(u.num_samples for u in updates)
+    result = dict(global_state)
+    for name, value in global_state.items():
+        if name in updates[0].tensors:
+            mean = sum(u.tensors[name].double() * u.num_samples for u in updates) / total
+            result[name] = (value.double() + mean).to(value.dtype)
+    return result
+
+
+def _client_batches(data: ImageSet, client: ClientSpec, *, seed: int, round_: int, index: int
+                    ) -> tuple[list[tuple[Tensor, Tensor]], list[str]]:
+    """One local epoch: the client's images shuffled (seeded by run, round and client), batched."""
+    order = np.random.default_rng([seed, round_, index]).permutation(np.asarray(client.indices))
+    batches = [(data.images[chunk], data.labels[chunk])
+               for chunk in (torch.from_numpy(order[i:i + client.batch_size])
+                             for i in range(0, len(order), client.batch_size))]
+    return batches, [f"{data.name}:{i}" for i in order]
+
+
+def _defense(spec: Spec, seed: int):
+    """A fresh defense (its per-client state belongs to one run), seeded by the run's seed."""
+    params = dict(spec.params)
+    cls = DEFENSES[spec.name]
+    if "seed" not in params and (issubclass(cls, GuardedDefense) or "seed" in inspect.signature(cls).parameters):
+        params["seed"] = seed
+    return build_defense(spec.name, **params)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, test: ImageSet, *, device: torch.device, chunk: int = 256) -> dict[str, Any]:
+    """Test-split utility of the global model, with the collapse check of DESIGN.md."""
+    model.eval()
+    preds = torch.cat([model(test.images[i:i + chunk].to(device)).argmax(1).cpu()
+                       for i in range(0, len(test), chunk)])
+    scores = utility(test.labels, preds, test.num_classes)
+    majority = float(torch.bincount(test.labels, minlength=test.num_classes).max()) / len(test)
+    constant = float(torch.bincount(preds, minlength=test.num_classes).max()) / len(test)
+    collapsed = scores["accuracy"] <= majority + _COLLAPSE_MARGIN or constant >= _CONSTANT_SHARE
+    return {**scores, "majority_accuracy": majority, "collapsed": bool(collapsed)}
+
+
+def train_run(config: BenchConfig, data: Data, spec: Spec, seed: int, layout: Layout, *,
+              capture: bool) -> dict[str, Any]:
+    """FedAvg with ``spec``'s defense; the run's record (utility, epsilon, seconds).
+
+    With ``capture``, the attacked clients' updates of the capture rounds are saved with the
+    round's global model and the clients' images (one file per round, written atomically)."""
+    device = torch.device(config.device)
+    torch.manual_seed(seed)
+    model = _model(config, data).to(device)
+    defense = _defense(spec, seed)
+    clients = partition_clients(data.train.labels, scale=config.scale, distribution=config.distribution,
+                                alpha=config.alpha, seed=seed)
+    attacked = set(attacked_clients(config, clients)) if capture else set()
+    start = time.perf_counter()
+    rounds = tqdm(range(1, config.rounds + 1), desc=f"  train {spec.label} seed {seed}", leave=False,
+                  disable=not config.progress)
+    for round_ in rounds:
+        global_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        updates = []
+        for index, client in enumerate(clients):
+            batches, ids = _client_batches(data.train, client, seed=seed, round_=round_, index=index)
+            updates.append(defense.local_update(model, batches, lr=config.lr, round=round_,
+                                                total_rounds=config.rounds, client_id=client.client_id,
+                                                sample_ids=ids))
+        kept = {u.client_id: u for u in updates if u.client_id in attacked and round_ in config.rounds_attacked}
+        if kept:
+            _save_capture(layout.capture(data.train.name, spec, round_), global_state, kept, data.train, clients)
+        model.load_state_dict(fedavg(global_state, updates))
+    seconds = time.perf_counter() - start
+    epsilon = defense.epsilon(delta=defense.delta) if defense.delta is not None else None
+    return {"dataset": data.train.name, "defense": spec.label, "defense_name": spec.name,
+            "defense_params": dict(spec.params), "seed": seed, "rounds": config.rounds,
+            **evaluate(model, data.test, device=device), "epsilon": epsilon, "delta": defense.delta,
+            "seconds": seconds}
+
+
+def _save_capture(path: Path, global_state: dict[str, Tensor], updates: dict[str, ProtectedUpdate],
+                  train: ImageSet, clients: Sequence[ClientSpec]) -> None:
+    by_id = {c.client_id: c for c in clients}
+    record = {"global": global_state,
+              "updates": {cid: dataclasses.asdict(u) for cid, u in updates.items()},
+              "images": {cid: train.images[list(by_id[cid].indices)].clone() for cid in updates},
+              "labels": {cid: train.labels[list(by_id[cid].indices)].clone() for cid in updates}}
+    _atomic(path, lambda tmp: torch.save(record, tmp))
+
+
+# ---------------------------------------------------------------------------- attacks
+def attack_cell(config: BenchConfig, data: Data, defense: Spec, attack: Spec, round_: int, client: str,
+                capture: dict[str, Any], lpips_metric: LPIPSMetric, images_path: Path) -> dict[str, Any]:
+    """Attack one captured update; the record scores plain and adaptive results, the stronger counts.
+
+    The attacker gets the global model, the update and its metadata; it recovers the labels itself.
+    The chosen reconstruction and, for each image, the client image it matches best are saved
+    to ``images_path`` for the report's grids."""
+    model = _model(config, data)
+    model.load_state_dict(capture["global"])
+    update = ProtectedUpdate(**capture["updates"][client])
+    originals = capture["images"][client]
+    overrides = {"device": config.device, "seed": config.seeds[0], "progress": config.progress, **attack.params}
+    result = build_attack(attack.name, **overrides).reconstruct(
+        model=model, update=update, image_shape=data.image_shape, num_classes=data.train.num_classes)
+    variants = adaptive_variants(result.images)
+    scores = {name: leakage(images, originals, lpips_metric=lpips_metric) for name, images in variants.items()}
+    chosen = max(scores, key=lambda name: scores[name]["psnr_best"])
+    reconstruction = variants[chosen]
+    matched = originals[pairwise_psnr(reconstruction, originals).argmax(dim=1)]
+    _atomic(images_path, lambda tmp: torch.save({"reconstruction": reconstruction, "original": matched}, tmp))
+    return {"dataset": data.train.name, "defense": defense.label, "defense_name": defense.name,
+            "defense_params": dict(defense.params), "attack": attack.label, "attack_name": attack.name,
+            "attack_params": dict(attack.params), "round": round_, "client": client,
+            "client_images": len(originals), "client_batch_size": update.batch_size,
+            "local_steps": update.num_steps, "reconstructed": len(reconstruction),
+            "labels_recovered": sorted(result.labels.tolist()), **scores[chosen], "variant": chosen,
+            "variants": scores, "attack_seconds": result.seconds}
+
+
+# ---------------------------------------------------------------------------- the benchmark
+@dataclass
+class BenchOutcome:
+    """What one invocation did: the results file and how many units it computed (0 on a full resume)."""
+
+    results: Path
+    trained: int
+    attacked: int
+    files: list[Path]
+
+
+def run_bench(config: BenchConfig, out: str | Path, *, report_dir: str | Path | None = None) -> BenchOutcome:
+    """Run (or resume) the benchmark with its cache in ``out``; write results.json, tables and
+    figures to ``report_dir`` (default ``out``)."""
+    layout = Layout(Path(out))
+    _check_run(layout, config)
+    device = torch.device(config.device)
+    lpips_metric: LPIPSMetric | None = None  # loaded only when an attack cell is computed
+    trained = attacked = 0
+    runs: list[dict[str, Any]] = []
+    cells: list[dict[str, Any]] = []
+    datasets = {name: Data(load_medmnist(name, "train", size=config.image_size),
+                           load_medmnist(name, "test", size=config.image_size)) for name in config.datasets}
+    targets = {name: attacked_clients(config, partition_clients(
+        data.train.labels, scale=config.scale, distribution=config.distribution, alpha=config.alpha,
+        seed=config.seeds[0])) for name, data in datasets.items()}
+    units = sum(len(config.defenses) * (len(config.seeds) + len(config.rounds_attacked) * len(targets[name])
+                                         * len(config.attacks)) for name in datasets)
+    bar = tqdm(total=units, desc="bench", disable=not config.progress)
+    for name, data in datasets.items():
+        for defense in config.defenses:
+            pending = [(attack, round_, client) for round_ in config.rounds_attacked for client in targets[name]
+                       for attack in config.attacks
+                       if not layout.attack(name, defense, attack, round_, client).is_file()]
+            for seed in config.seeds:
+                path = layout.train(name, defense, seed)
+                capture = seed == config.seeds[0]
+                missing_capture = capture and any(not layout.capture(name, defense, r).is_file()
+                                                  for _, r, _ in pending)
+                if not path.is_file() or missing_capture:
+                    bar.set_postfix_str(f"{name} {defense.label} train seed {seed}")
+                    _write_json(path, train_run(config, data, defense, seed, layout, capture=capture))
+                    trained += 1
+                runs.append(_read_json(path))
+                bar.update()
+            for round_ in config.rounds_attacked:
+                capture_record = None
+                for client in targets[name]:
+                    for attack in config.attacks:
+                        path = layout.attack(name, defense, attack, round_, client)
+                        if not path.is_file():
+                            bar.set_postfix_str(f"{name} {defense.label} {attack.label} r{round_} {client}")
+                            if capture_record is None:
+                                capture_record = torch.load(layout.capture(name, defense, round_),
+                                                            weights_only=True)
+                            lpips_metric = lpips_metric or LPIPSMetric(device=device)
+                            record = attack_cell(config, data, defense, attack, round_, client, capture_record,
+                                                 lpips_metric, path.with_suffix(".pt"))
+                            _write_json(path, record)
+                            attacked += 1
+                        cells.append({**_read_json(path), "images": str(path.with_suffix(".pt").relative_to(
+                            layout.root))})
+                        bar.update()
+    bar.close()
+    results = {"config": config.to_dict(), "fingerprint": config.fingerprint(),
+               "computed": {"train_runs": trained, "attack_cells": attacked}, "runs": runs, "cells": cells}
+    report_root = Path(report_dir) if report_dir is not None else layout.root
+    files = write_report(results, report_root, cache=layout.root)
+    return BenchOutcome(results=report_root / "results.json", trained=trained, attacked=attacked, files=files)
+
+
+# ---------------------------------------------------------------------------- CLI
+def _auto_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"gradguard bench: --device {name} asked for CUDA, but torch sees no GPU; use --device cpu")
+    return name
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The mode's preset with every option the user gave applied on top."""
+    config = mode_config(args.mode)
+    changes: dict[str, Any] = {"device": _auto_device(args.device), "progress": not args.no_progress}
+    for option in ("datasets", "image_size", "model", "width", "scale", "distribution", "rounds", "lr",
+                   "capture_rounds", "clients"):
+        value = getattr(args, option)
+        if value is not None:
+            changes[option] = tuple(value) if isinstance(value, list) else value
+    if args.defenses is not None:
+        changes["defenses"] = _specs(*args.defenses)
+    attacks = _specs(*args.attacks) if args.attacks is not None else config.attacks
+    if args.attack_iterations is not None:
+        attacks = tuple(Spec(a.name, {**a.params, "iterations": args.attack_iterations}) for a in attacks)
+    changes["attacks"] = attacks
+    if args.seed is not None or args.seeds is not None:
+        first = args.seed if args.seed is not None else config.seeds[0]
+        changes["seeds"] = tuple(range(first, first + (args.seeds or len(config.seeds))))
+    return dataclasses.replace(config, **changes)
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except (ValueError, KeyError) as err:
+        raise SystemExit(f"gradguard bench: {err}") from None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    outcome = run_bench(config, args.out, report_dir=args.report_dir)
+    print(f"gradguard bench: {outcome.trained} training runs and {outcome.attacked} attack cells computed "
+          f"in {time.perf_counter() - start:.0f} s; results in {outcome.results}")
+    for path in outcome.files:
+        print(f"  {path}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="run the evaluation protocol: FedAvg, defenses, attacks, leakage and utility",
+        description=__doc__.split("\n\n")[0] + " Options left out take the mode's values "
+                    "(see gradguard.eval.bench.mode_config).")
+    modes = parser.add_mutually_exclusive_group()
+    for mode, text in (("smoke", "the test's plumbing check (about a minute)"),
+                       ("quick", "every defense, small (the default; < 10 min on 2 CPU cores)"),
+                       ("full", "both datasets, ResNet-18 at 64 px, 3 seeds, every attack (needs a GPU)")):
+        modes.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode, help=text)
+    parser.set_defaults(mode="quick", func=_main)
+    parser.add_argument("--out", default="bench-out", help="results and cache directory; a rerun resumes it")
+    parser.add_argument("--report-dir", help="write results.json, tables and figures here instead of --out "
+                                             "(the cache of cells and captured updates stays in --out)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--seed", type=int, help="first seed")
+    parser.add_argument("--seeds", type=int, help="number of seeds (utility is averaged over them)")
+    parser.add_argument("--datasets", nargs="+", metavar="NAME")
+    parser.add_argument("--defenses", nargs="+", metavar="SPEC",
+                        help=f"name or name:key=value,...; registered: {', '.join(sorted(DEFENSES))}")
+    parser.add_argument("--attacks", nargs="+", metavar="SPEC",
+                        help=f"name or name:key=value,...; registered: {', '.join(sorted(ATTACKS))}")
+    parser.add_argument("--attack-iterations", type=int, help="iterations of every attack")
+    parser.add_argument("--model", choices=("smallcnn", "resnet18"))
+    parser.add_argument("--width", type=int, help="SmallCNN width")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--scale", type=float, help="fraction of the 9-client layout's dataset sizes")
+    parser.add_argument("--distribution", choices=("iid", "dirichlet"))
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--lr", type=float, help="clients' SGD learning rate")
+    parser.add_argument("--capture-rounds", type=int, nargs="+", metavar="T", help="rounds attacked (1-based)")
+    parser.add_argument("--clients", nargs="+", metavar="ID", help="attacked client ids, e.g. client9 client1")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")

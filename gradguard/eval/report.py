@@ -1,0 +1,326 @@
+"""The benchmark's report: results.json, a Markdown table per dataset, image grids, a privacy-utility plot.
+
+How the numbers are aggregated (the tables say it too):
+
+- Leakage of a defense setting: for every captured update (round, client) the strongest attack
+  counts, i.e. the one with the highest best-match PSNR (each attack already scored as the
+  stronger of its plain and adaptive results); metrics are then averaged over the captured
+  updates. ``best`` is the seed paper's protocol (each reconstruction against its best-matching
+  client image), ``strict`` the one-to-one matching.
+- Utility: mean and sample standard deviation over seeds of the final global model's test
+  scores; a run is flagged when the model collapsed to (about) one class.
+- Goals: the seed paper's headline gains of GradGuard over no defense (DESIGN.md), and
+  GradGuard against every other setting at matched F1 (micro-F1 within 1 point).
+
+Figures use matplotlib's object API with the Agg canvas, so no global backend is touched.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+METRICS = ("psnr_best", "ssim_best", "lpips_best", "psnr_strict", "ssim_strict", "lpips_strict")
+UTILITY = ("accuracy", "micro_f1", "macro_f1")
+REFERENCE = "none"  # the setting every delta is taken against
+F1_MATCH = 0.01  # "matched F1": micro-F1 within 1 point
+GRID_IMAGES_PER_CLIENT = 4
+
+
+@dataclass(frozen=True)
+class Goal:
+    """The seed paper's gains over no defense on the dataset this one stands in for."""
+
+    psnr_drop: float
+    ssim_drop: float
+    lpips_ratio: float = 1.5
+    f1_points: float = 1.0
+
+
+GOALS: dict[str, Goal] = {
+    "pneumoniamnist": Goal(psnr_drop=3.73, ssim_drop=0.2),  # ChestXRay in the paper
+    "retinamnist": Goal(psnr_drop=2.78, ssim_drop=0.166),  # EyePACS in the paper
+}
+
+
+def slugify(label: str) -> str:
+    """A setting's label as a file name: ``dpsgd(noise_multiplier=1.0)`` -> ``dpsgd-noise_multiplier=1.0``."""
+    return re.sub(r"[^A-Za-z0-9_.=,+-]+", "_", label.replace("(", "-").rstrip(")"))
+
+
+# ---------------------------------------------------------------------------- aggregation
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), (float(array.std(ddof=1)) if len(array) > 1 else None)
+
+
+def strongest_cells(cells: Iterable[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Per (dataset, defense): for each captured update the cell of the strongest attack."""
+    best: dict[tuple[str, str, int, str], dict[str, Any]] = {}
+    for cell in cells:
+        key = (cell["dataset"], cell["defense"], cell["round"], cell["client"])
+        if key not in best or cell["psnr_best"] > best[key]["psnr_best"]:
+            best[key] = cell
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for (dataset, defense, _, _), cell in sorted(best.items(), key=lambda kv: (kv[0][2], kv[0][3])):
+        grouped[dataset, defense].append(cell)
+    return grouped
+
+
+def summarize(runs: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per (dataset, defense setting), in the order the runs list them."""
+    by_setting: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        by_setting[run["dataset"], run["defense"]].append(run)
+    strongest = strongest_cells(cells)
+    summaries = []
+    for (dataset, defense), group in by_setting.items():
+        summary: dict[str, Any] = {"dataset": dataset, "defense": defense, "defense_name": group[0]["defense_name"],
+                                   "defense_params": group[0]["defense_params"],
+                                   "seeds": [r["seed"] for r in group]}
+        for metric in UTILITY:
+            summary[f"{metric}_mean"], summary[f"{metric}_sd"] = _mean_sd([r[metric] for r in group])
+        epsilons = [r["epsilon"] for r in group if r["epsilon"] is not None]
+        summary["epsilon"] = max(epsilons) if epsilons else None
+        summary["delta"] = group[0]["delta"]
+        summary["seconds"] = _mean_sd([r["seconds"] for r in group])[0]
+        summary["collapsed_runs"] = sum(r["collapsed"] for r in group)
+        summary["majority_accuracy"] = group[0]["majority_accuracy"]
+        chosen = strongest.get((dataset, defense), [])
+        summary["captures"] = len(chosen)
+        summary["leakage"] = {m: float(np.mean([c[m] for c in chosen])) for m in METRICS} if chosen else None
+        per_attack: dict[str, list[float]] = defaultdict(list)
+        for cell in cells:
+            if (cell["dataset"], cell["defense"]) == (dataset, defense):
+                per_attack[cell["attack"]].append(cell["psnr_best"])
+        summary["psnr_best_per_attack"] = {a: float(np.mean(v)) for a, v in per_attack.items()}
+        summary["psnr_best_per_capture"] = {f"round{c['round']}-{c['client']}": c["psnr_best"] for c in chosen}
+        summaries.append(summary)
+    return summaries
+
+
+def _reference(summaries: list[dict[str, Any]], dataset: str) -> dict[str, Any] | None:
+    return next((s for s in summaries if s["dataset"] == dataset and s["defense"] == REFERENCE), None)
+
+
+# ---------------------------------------------------------------------------- verdicts
+def goal_checks(summary: dict[str, Any], reference: dict[str, Any], goal: Goal) -> list[tuple[str, str, bool]]:
+    """(goal, measured, met) for a GradGuard setting against no defense."""
+    ours, ref = summary["leakage"], reference["leakage"]
+    psnr_drop = ref["psnr_best"] - ours["psnr_best"]
+    ssim_drop = ref["ssim_best"] - ours["ssim_best"]
+    ratio = ours["lpips_best"] / max(ref["lpips_best"], 1e-12)
+    f1_loss = 100 * (reference["micro_f1_mean"] - summary["micro_f1_mean"])
+    return [
+        (f"PSNR lower by >= {goal.psnr_drop} dB", f"{psnr_drop:+.2f} dB lower", psnr_drop >= goal.psnr_drop),
+        (f"SSIM lower by >= {goal.ssim_drop}", f"{ssim_drop:+.3f} lower", ssim_drop >= goal.ssim_drop),
+        (f"LPIPS at least {goal.lpips_ratio}x", f"{ratio:.2f}x", ratio >= goal.lpips_ratio),
+        (f"micro-F1 within {goal.f1_points} point of no defense", f"{f1_loss:+.1f} points lost",
+         f1_loss <= goal.f1_points),
+    ]
+
+
+def matched_f1_verdict(ours: dict[str, Any], other: dict[str, Any]) -> str:
+    """How a GradGuard setting fares against another setting, judged at matched micro-F1."""
+    f1_gap = other["micro_f1_mean"] - ours["micro_f1_mean"]
+    ours_lower = ours["leakage"]["psnr_best"] < other["leakage"]["psnr_best"]
+    if abs(f1_gap) <= F1_MATCH:
+        return "GradGuard leaks less" if ours_lower else "**GradGuard loses** (other leaks less at matched F1)"
+    if f1_gap > 0:
+        return ("trade-off: other has more F1 and leaks more" if ours_lower
+                else "**GradGuard loses** (other: more F1 and less leakage)")
+    return "GradGuard dominates (more F1, less leakage)" if ours_lower else "trade-off: other has less F1 and leaks less"
+
+
+# ---------------------------------------------------------------------------- Markdown
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _f1(summary: dict[str, Any], metric: str) -> str:
+    mean, sd = summary[f"{metric}_mean"], summary[f"{metric}_sd"]
+    return f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+
+
+def _delta(value: float, ref: float | None, spec: str) -> str:
+    return "" if ref is None else f" ({value - ref:{spec}})"
+
+
+def markdown_table(dataset: str, summaries: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    rows = [s for s in summaries if s["dataset"] == dataset]
+    ref = _reference(summaries, dataset)
+    ref_leak = ref["leakage"] if ref and ref["leakage"] else None
+    lines = [
+        f"# {dataset}: leakage and utility per defense setting", "",
+        f"Model {config['model']}" + (f" (width {config['width']})" if config["model"] == "smallcnn" else "")
+        + f", {config['image_size']} px, 9-client layout at scale {config['scale']} ({config['distribution']}), "
+        f"{config['rounds']} FedAvg rounds at lr {config['lr']}, seeds {list(config['seeds'])}. "
+        f"Attacks: {', '.join(config['attacks'])}; rounds attacked {config['capture_rounds']}.", "",
+        "Leakage: for each captured update the strongest attack (plain or adaptively denoised, whichever has "
+        "the higher PSNR), averaged over the captured updates; *best* = best match over the client's images "
+        "(the paper's protocol), *strict* = one-to-one matching. Differences (in brackets) are to no defense; "
+        "LPIPS as a ratio. F1 and accuracy in points, mean ± sd over seeds. *collapsed*: runs (of all seeds) "
+        f"whose model predicts about one class (majority-class accuracy {100 * rows[0]['majority_accuracy']:.1f}).",
+        "",
+        "| defense | PSNR best (Δ dB) | SSIM best (Δ) | LPIPS best (×) | PSNR strict (Δ) | SSIM strict "
+        "| LPIPS strict | micro-F1 (Δ) | macro-F1 | ε | s/run | collapsed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in rows:
+        leak = s["leakage"]
+        ref_f1 = ref["micro_f1_mean"] * 100 if ref else None
+        if leak is None:
+            cells = ["–"] * 6
+        else:
+            lpips_ratio = f" ({leak['lpips_best'] / ref_leak['lpips_best']:.2f}×)" if ref_leak else ""
+            cells = [f"{leak['psnr_best']:.2f}" + _delta(leak["psnr_best"], ref_leak and ref_leak["psnr_best"], "+.2f"),
+                     f"{leak['ssim_best']:.3f}" + _delta(leak["ssim_best"], ref_leak and ref_leak["ssim_best"], "+.3f"),
+                     f"{leak['lpips_best']:.3f}{lpips_ratio}",
+                     f"{leak['psnr_strict']:.2f}"
+                     + _delta(leak["psnr_strict"], ref_leak and ref_leak["psnr_strict"], "+.2f"),
+                     f"{leak['ssim_strict']:.3f}", f"{leak['lpips_strict']:.3f}"]
+        f1 = _f1(s, "micro_f1") + _delta(100 * s["micro_f1_mean"], ref_f1, "+.1f")
+        collapsed = f"**{s['collapsed_runs']}/{len(s['seeds'])}**" if s["collapsed_runs"] else "0"
+        lines.append(f"| {s['defense']} | " + " | ".join(
+            [*cells, f1, _f1(s, "macro_f1"), _fmt(s["epsilon"]), f"{s['seconds']:.0f}", collapsed]) + " |")
+    lines += _detail_tables(rows)
+    lines += _verdicts(dataset, rows, ref)
+    return "\n".join(lines) + "\n"
+
+
+def _detail_tables(rows: list[dict[str, Any]]) -> list[str]:
+    attacks = sorted({a for s in rows for a in s["psnr_best_per_attack"]})
+    captures = list(dict.fromkeys(k for s in rows for k in s["psnr_best_per_capture"]))
+    lines = ["", "## PSNR (best protocol, dB) per attack, mean over captured updates", "",
+             "| defense | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+    lines += [f"| {s['defense']} | " + " | ".join(_fmt(s["psnr_best_per_attack"].get(a)) for a in attacks) + " |"
+              for s in rows]
+    lines += ["", "## PSNR (best protocol, dB) of the strongest attack per captured update", "",
+              "| defense | " + " | ".join(captures) + " |", "|---|" + "---|" * len(captures)]
+    lines += [f"| {s['defense']} | " + " | ".join(_fmt(s["psnr_best_per_capture"].get(c)) for c in captures) + " |"
+              for s in rows]
+    return lines
+
+
+def _verdicts(dataset: str, rows: list[dict[str, Any]], ref: dict[str, Any] | None) -> list[str]:
+    ours_rows = [s for s in rows if s["defense_name"] == "gradguard" and s["leakage"]]
+    lines: list[str] = []
+    goal = GOALS.get(dataset)
+    for ours in ours_rows:
+        if ref is not None and ref["leakage"] and goal is not None:
+            lines += ["", f"## Goals: {ours['defense']} against no defense (the seed paper's gains)", "",
+                      "| goal | measured | met |", "|---|---|---|"]
+            lines += [f"| {name} | {measured} | {'yes' if met else '**no**'} |"
+                      for name, measured, met in goal_checks(ours, ref, goal)]
+        lines += ["", f"## {ours['defense']} against every other setting at matched F1 "
+                      f"(micro-F1 within {100 * F1_MATCH:.0f} point)", "",
+                  "| setting | micro-F1 − GradGuard's (points) | PSNR best − GradGuard's (dB) | verdict |",
+                  "|---|---|---|---|"]
+        for other in rows:
+            if other is ours or other["leakage"] is None:
+                continue
+            lines.append(f"| {other['defense']} | {100 * (other['micro_f1_mean'] - ours['micro_f1_mean']):+.1f} | "
+                         f"{other['leakage']['psnr_best'] - ours['leakage']['psnr_best']:+.2f} | "
+                         f"{matched_f1_verdict(ours, other)} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------- figures
+def privacy_utility_plot(dataset: str, summaries: list[dict[str, Any]], path: Path) -> None:
+    """Attack PSNR (best protocol) against micro- and macro-F1, one point per defense setting."""
+    from matplotlib.figure import Figure
+
+    rows = [s for s in summaries if s["dataset"] == dataset and s["leakage"]]
+    figure = Figure(figsize=(12, 5.5), constrained_layout=True)
+    axes = figure.subplots(1, 2, sharey=True)
+    for ax, metric in zip(axes, ("micro_f1", "macro_f1")):
+        for s in rows:
+            x, y = 100 * s[f"{metric}_mean"], s["leakage"]["psnr_best"]
+            sd = 100 * s[f"{metric}_sd"] if s[f"{metric}_sd"] is not None else None
+            ours = s["defense_name"] == "gradguard"
+            ax.errorbar(x, y, xerr=sd, fmt="x" if s["collapsed_runs"] else ("*" if ours else "o"),
+                        markersize=12 if ours else 7, color="tab:red" if ours else "tab:blue", capsize=3)
+            ax.annotate(s["defense"] + (" (collapsed)" if s["collapsed_runs"] else ""), (x, y), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel(f"{metric.replace('_', '-')} (points, mean ± sd over seeds)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("attack PSNR, best protocol (dB; lower is more private)")
+    figure.suptitle(f"{dataset}: privacy against utility (strongest attack, adaptive included)")
+    figure.savefig(path, dpi=130)
+
+
+def image_grid(cells: list[dict[str, Any]], root: Path, title: str, path: Path) -> None:
+    """Originals against reconstructions: a row per defense, an (original, reconstruction) pair per image."""
+    from matplotlib.figure import Figure
+
+    clients = list(dict.fromkeys(c["client"] for c in cells))
+    rows = list(dict.fromkeys(c["defense"] for c in cells))
+    loaded = {(c["defense"], c["client"]): (c, torch.load(root / c["images"], weights_only=True)) for c in cells}
+    widths = {cl: min(GRID_IMAGES_PER_CLIENT, max(len(v[1]["reconstruction"]) for k, v in loaded.items()
+                                                   if k[1] == cl)) for cl in clients}
+    columns = 2 * sum(widths.values())
+    figure = Figure(figsize=(1.1 * columns + 2.2, 1.2 * len(rows) + 0.8), constrained_layout=True)
+    axes = np.atleast_2d(figure.subplots(len(rows), columns, squeeze=False))
+    for r, defense in enumerate(rows):
+        col = 0
+        for client in clients:
+            cell, images = loaded.get((defense, client), (None, None))
+            for i in range(widths[client]):
+                for kind in ("original", "reconstruction"):
+                    ax = axes[r, col]
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    if images is not None and i < len(images[kind]):
+                        image = images[kind][i].permute(1, 2, 0).numpy()
+                        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+                    if r == 0:
+                        ax.set_title(f"{client}\n{'orig' if kind == 'original' else 'recon'} {i + 1}", fontsize=7)
+                    col += 1
+        first = loaded.get((defense, clients[0]))
+        label = defense if first is None else f"{defense}\n{first[0]['psnr_best']:.1f} dB ({first[0]['variant']})"
+        axes[r, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    figure.suptitle(title, fontsize=9)
+    figure.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------------------- entry point
+def write_report(results: dict[str, Any], out: str | Path, *, cache: str | Path | None = None) -> list[Path]:
+    """Complete ``results`` (per-setting summaries, each cell's utility), write results.json,
+    a table per dataset and the figures into ``out``; returns the files written.
+
+    ``cache`` is the benchmark directory that the cells' ``images`` paths are relative to
+    (default ``out``)."""
+    root = Path(out)
+    cache_root = Path(cache) if cache is not None else root
+    figures = root / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    summaries = summarize(results["runs"], results["cells"])
+    by_setting = {(s["dataset"], s["defense"]): s for s in summaries}
+    results["defenses"] = summaries
+    for cell in results["cells"]:
+        s = by_setting[cell["dataset"], cell["defense"]]
+        cell["utility"] = {k: s[k] for k in (*(f"{m}_mean" for m in UTILITY), "epsilon", "seconds", "collapsed_runs")}
+    files = [root / "results.json"]
+    files[0].write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    for dataset in results["config"]["datasets"]:
+        table = root / f"table_{dataset}.md"
+        table.write_text(markdown_table(dataset, summaries, results["config"]))
+        plot = figures / f"privacy_utility_{dataset}.png"
+        privacy_utility_plot(dataset, summaries, plot)
+        files += [table, plot]
+        groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+        for cell in results["cells"]:
+            if cell["dataset"] == dataset:
+                groups[cell["attack"], cell["round"]].append(cell)
+        for (attack, round_), group in groups.items():
+            grid = figures / f"grid_{dataset}_{slugify(attack)}_round{round_}.png"
+            image_grid(group, cache_root, f"{dataset}, {attack}, round {round_}: originals vs reconstructions "
+                                    "(row label: PSNR of the first client, variant)", grid)
+            files.append(grid)
+    return files

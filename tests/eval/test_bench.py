@@ -1,0 +1,143 @@
+"""The benchmark harness: the smoke mode end to end through the CLI (schema, report files, a
+leakage ordering that a broken pipeline would violate), resume without recomputation, and the
+pieces that decide what is attacked and how it is scored."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gradguard.cli import main
+from gradguard.eval.adaptive import adaptive_variants, denoise, noise_sigma
+from gradguard.eval.bench import BenchConfig, Spec, attacked_clients, fedavg, mode_config, run_bench
+from gradguard.eval.datasets import data_dir
+from gradguard.eval.metrics import psnr
+from gradguard.eval.partition import partition_clients
+from gradguard.eval.report import matched_f1_verdict
+from gradguard.update import ProtectedUpdate
+
+CELL_KEYS = {"dataset", "defense", "defense_name", "defense_params", "attack", "round", "client",
+             "client_batch_size", "psnr_best", "ssim_best", "lpips_best", "psnr_strict", "ssim_strict",
+             "lpips_strict", "variant", "variants", "utility", "images"}
+UTILITY_KEYS = {"accuracy_mean", "micro_f1_mean", "macro_f1_mean", "epsilon", "seconds", "collapsed_runs"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    assert (data_dir() / "pneumoniamnist.npz").is_file(), \
+        f"{data_dir()} lacks pneumoniamnist.npz: set GRADGUARD_SHARED to the shared assets folder"
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "--smoke", "--out", str(out), "--device", "cpu", "--no-progress", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _results(out):
+    return json.loads((out / "results.json").read_text())
+
+
+def test_smoke_run_writes_every_output_with_the_documented_schema(smoke):
+    results = _results(smoke)
+    config = mode_config("smoke")
+    rounds, defenses = config.rounds_attacked, [d.label for d in config.defenses]
+    assert rounds == (1, 2)
+    assert results["computed"] == {"train_runs": len(defenses), "attack_cells": len(defenses) * len(rounds) * 2}
+    cells = results["cells"]
+    assert {(c["defense"], c["round"], c["client"]) for c in cells} == {
+        (d, r, c) for d in defenses for r in rounds for c in ("client9", "client2")}
+    for cell in cells:
+        assert CELL_KEYS <= cell.keys() and UTILITY_KEYS <= cell["utility"].keys()
+        assert set(cell["variants"]) == {"plain", "tv", "nlm"}
+        # The stronger of plain and adaptive counts; best-match PSNR bounds one-to-one PSNR.
+        assert cell["psnr_best"] == max(v["psnr_best"] for v in cell["variants"].values())
+        assert cell["psnr_best"] >= cell["psnr_strict"] - 1e-6
+        assert cell["client_batch_size"] == (1 if cell["client"] == "client9" else 3)
+        assert (smoke / cell["images"]).is_file()
+    summary = {s["defense"]: s for s in results["defenses"]}
+    assert summary.keys() == set(defenses)
+    assert all(0 <= s["micro_f1_mean"] <= 1 and s["captures"] == 4 for s in summary.values())
+    table = (smoke / "table_pneumoniamnist.md").read_text()
+    assert all(f"| {d} |" in table for d in defenses) and "Goals: gradguard" in table
+    figures = sorted(p.name for p in (smoke / "figures").iterdir())
+    assert "privacy_utility_pneumoniamnist.png" in figures
+    assert sum(name.startswith("grid_pneumoniamnist_inverting_gradients") for name in figures) == len(rounds)
+
+
+def test_no_defense_leaks_more_than_strong_update_noise(smoke):
+    summary = {s["defense"]: s for s in _results(smoke)["defenses"]}
+    assert summary["none"]["leakage"]["psnr_best"] > summary["gaussian(sigma0=1.0)"]["leakage"]["psnr_best"] + 1.0
+
+
+def test_a_second_invocation_resumes_without_recomputing(smoke):
+    cell_files = sorted((smoke / "cells").rglob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in cell_files]
+    outcome = run_bench(dataclasses.replace(mode_config("smoke"), progress=False), smoke)
+    assert (outcome.trained, outcome.attacked) == (0, 0)
+    assert [p.stat().st_mtime_ns for p in cell_files] == stamps
+    assert _results(smoke)["computed"] == {"train_runs": 0, "attack_cells": 0}
+    with pytest.raises(ValueError, match="other settings.*rounds"):
+        run_bench(dataclasses.replace(mode_config("smoke"), rounds=3, progress=False), smoke)
+
+
+def test_fedavg_adds_the_sample_weighted_mean_delta_and_keeps_integer_buffers():
+    base = {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor(7)}
+    updates = [ProtectedUpdate(tensors={"w": torch.tensor([1.0, 0.0])}, kind="delta", num_samples=1, num_steps=1, round=1),
+               ProtectedUpdate(tensors={"w": torch.tensor([0.0, 4.0])}, kind="delta", num_samples=3, num_steps=1, round=1)]
+    result = fedavg(base, updates)
+    torch.testing.assert_close(result["w"], torch.tensor([1.25, 5.0]))
+    assert result["steps"] is base["steps"] and torch.equal(base["w"], torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="weight deltas"):
+        fedavg(base, [dataclasses.replace(updates[0], kind="gradient")])
+
+
+def test_specs_parse_parameters_and_name_files():
+    spec = Spec.parse("dpsgd:noise_multiplier=0.5,max_grad_norm=1,accountant=rdp")
+    assert spec.params == {"noise_multiplier": 0.5, "max_grad_norm": 1, "accountant": "rdp"}
+    assert spec.label == "dpsgd(accountant=rdp,max_grad_norm=1,noise_multiplier=0.5)"
+    assert spec.slug == "dpsgd-accountant=rdp,max_grad_norm=1,noise_multiplier=0.5"
+    with pytest.raises(ValueError, match="key=value"):
+        Spec.parse("gaussian:sigma0")
+    with pytest.raises(ValueError, match="unknown defense"):
+        BenchConfig(defenses=(Spec("nope"),))
+    with pytest.raises(ValueError, match="capture_rounds"):
+        BenchConfig(rounds=3, capture_rounds=(4,))
+
+
+def test_attacked_clients_are_the_single_image_client_and_the_smallest_batched_one():
+    labels = np.arange(2000) % 2
+    assert attacked_clients(BenchConfig(), partition_clients(labels, scale=0.1)) == ["client9", "client2"]
+    assert attacked_clients(BenchConfig(), partition_clients(labels, scale=1.0)) == ["client9", "client1"]
+    chosen = BenchConfig(clients=("client4",))
+    assert attacked_clients(chosen, partition_clients(labels, scale=1.0)) == ["client4"]
+    with pytest.raises(ValueError, match="not in the layout"):
+        attacked_clients(BenchConfig(clients=("client10",)), partition_clients(labels, scale=1.0))
+
+
+def test_the_adaptive_attacker_removes_noise_it_estimates_blindly():
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.linspace(0, 1, 32).expand(2, 1, 32, 32).clone()
+    noisy = (clean + 0.1 * torch.randn(clean.shape, generator=gen)).clamp(0, 1)
+    assert noise_sigma(noisy[0, 0].numpy()) == pytest.approx(0.1, rel=0.2)
+    variants = adaptive_variants(noisy)
+    assert torch.equal(variants["plain"], noisy)
+    for name in ("tv", "nlm"):
+        assert (psnr(variants[name], clean) > psnr(noisy, clean) + 3).all(), name
+    rgb = noisy.repeat(1, 3, 1, 1)
+    assert denoise(rgb, "tv").shape == rgb.shape
+
+
+def test_matched_f1_verdicts():
+    ours = {"micro_f1_mean": 0.80, "leakage": {"psnr_best": 15.0}}
+    def other(f1, p):
+        return {"micro_f1_mean": f1, "leakage": {"psnr_best": p}}
+    assert matched_f1_verdict(ours, other(0.805, 17.0)) == "GradGuard leaks less"
+    assert "loses" in matched_f1_verdict(ours, other(0.795, 14.0))
+    assert "loses" in matched_f1_verdict(ours, other(0.85, 14.0))
+    assert "dominates" in matched_f1_verdict(ours, other(0.70, 16.0))
+    assert "trade-off" in matched_f1_verdict(ours, other(0.70, 12.0))
