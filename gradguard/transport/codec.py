@@ -51,10 +51,9 @@ class TensorPayload:
     """A state dict laid out as a safetensors file, produced without building the file in memory.
 
     ``safetensors.torch.save`` copies every tensor twice before a byte leaves; this reads the
-    tensors' own memory (one copy per chunk, which protobuf needs anyway), so a client's memory
-    and time stay at one pass per use. Tensors are ordered by element size, largest first, so
-    every tensor's data stays aligned, as in files written by safetensors itself. The tensors
-    must not change while the payload is in use.
+    tensors' own memory, so the only copies are the chunks protobuf needs anyway. Tensors are
+    ordered by element size, largest first, so every tensor's data stays aligned, as in files
+    written by safetensors itself. The tensors must not change while the payload is in use.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str] | None = None) -> None:
