@@ -12,14 +12,14 @@ import dataclasses
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from gradguard.eval.attacks.observation import Observation, observe
 from gradguard.eval.attacks.labels import recover_labels
+from gradguard.eval.attacks.observation import Observation, observe
 from gradguard.update import ProtectedUpdate
 
 
@@ -27,7 +27,7 @@ from gradguard.update import ProtectedUpdate
 class AttackConfig:
     """Settings every attack shares; subclasses set defaults to the benchmark's full-size run.
 
-    iterations: optimiser steps per restart.
+    iterations: optimiser steps per restart (0: the attack's starting point).
     restarts: independent seeded runs; the lowest final matching loss wins.
     lr: the optimiser's learning rate.
     seed: restart r is seeded with ``seed + r``.
@@ -71,9 +71,6 @@ class Run:
     images: Tensor
     loss: float
     history: list[float]
-
-
-ConfigT = TypeVar("ConfigT", bound=AttackConfig)
 
 
 class Attack(ABC):
@@ -150,5 +147,3 @@ def random_images(shape: tuple[int, ...], generator: torch.Generator, device: to
     """Uniform [0, 1] starting images drawn on the CPU (same numbers on every device)."""
     return torch.rand(shape, generator=generator).to(device)
 
-
-Objective = Callable[[Tensor], Tensor]

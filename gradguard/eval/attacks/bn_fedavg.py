@@ -29,17 +29,21 @@ from gradguard.eval.attacks.observation import Observation
 class BNFedAvgConfig(InvertingConfig):
     """The BN-statistics-aware attack; the Inverting Gradients fields plus its own terms.
 
-    Defaults are the benchmark's full-size run (iterations=2000, restarts=2).
+    Defaults are the benchmark's full-size run (iterations=2000, restarts=2, lr=0.1). The
+    weights were measured on batches of four 32 px PneumoniaMNIST images, 3 local steps of a
+    BatchNorm SmallCNN: bn_weight 0.03-0.1 beat 0 (by about 2 dB) and 0.3-1 (too strong).
     simulate_steps=True: the client's local steps are replayed (the attack's point).
     bn_weight: weight of the BN statistics distance (sum over layers of the L2 distances of
         the per-channel means and variances) against the cosine distance of the updates.
     prior_weight: weight of the L2 image prior, the mean squared distance to mid-grey (the
         [0, 1] analogue of DeepInversion's norm on normalised images).
+    tv_weight=0.1: batches need a stronger smoothness prior than single images.
     """
 
     simulate_steps: bool = True
-    bn_weight: float = 1e-2
-    prior_weight: float = 1e-4
+    tv_weight: float = 0.1
+    bn_weight: float = 0.1
+    prior_weight: float = 1e-2
 
 
 @dataclass

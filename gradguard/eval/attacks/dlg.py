@@ -21,13 +21,13 @@ class DLGConfig(AttackConfig):
     """DLG. Defaults are the benchmark's full-size run (the paper's 300 L-BFGS iterations).
 
     iterations: L-BFGS steps; each evaluates the loss up to ``max_evals`` times.
-    lr=1.0, history=100: L-BFGS settings of the original code.
-    restarts=4: DLG diverges from some starts; the lowest final loss wins.
+    lr=1.0, max_evals=20, history=100: L-BFGS settings of the original code (no line search).
+    restarts=2: DLG diverges from some starts; the lowest final loss wins.
     """
 
     iterations: int = 300
     lr: float = 1.0
-    restarts: int = 4
+    restarts: int = 2
     max_evals: int = 20
     history: int = 100
 

@@ -32,8 +32,8 @@ class LearnedConfig(InvertingConfig):
     """The learned decoder attack; the Inverting Gradients fields drive the refinement.
 
     Defaults are the benchmark's full-size run.
-    iterations=200, lr=0.01: refinement steps from the decoded images (0 returns the decoder's
-        output); the small step keeps the refinement near the decoded images.
+    iterations=200, lr=0.01, tv_weight=3e-3: refinement steps from the decoded images (0 returns
+        the decoder's output); the small step keeps the refinement near the decoded images.
     restarts=1: the refinement starts from the decoded images, so restarts repeat it.
     prior_images: the attacker's own images [N, C, H, W] in [0, 1]; the decoder is fitted on
         them for each model it attacks, unless ``fit`` was called for that model.
@@ -43,6 +43,7 @@ class LearnedConfig(InvertingConfig):
 
     iterations: int = 200
     lr: float = 0.01
+    tv_weight: float = 3e-3
     restarts: int = 1
     prior_images: Tensor | None = field(default=None, repr=False)
     fit_steps: int = 3000
