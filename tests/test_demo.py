@@ -1,0 +1,89 @@
+"""`gradguard demo` end to end in a reduced configuration: the report's numbers are re-derived
+from the tensors it saved (reconstructions, final global model) and from Opacus' accountant."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from safetensors.torch import load_file
+
+from gradguard.cli import main
+from gradguard.demo.data import shipped_data
+from gradguard.eval.datasets import data_dir, load_medmnist
+from gradguard.eval.metrics import psnr
+from gradguard.eval.models import SmallCNN
+
+QUICK = ["--rounds", "1", "--attack-iterations", "50", "--images-per-client", "16", "--no-progress"]
+DEFENSES = ["none", "gradguard", "dpsgd"]
+FILES = ["index.html", "README.md", "results.json", "masks.png", "reconstructions.png",
+         "global_model.safetensors", "reconstructions.safetensors"]
+
+
+def _run(out: Path, capsys, *extra: str) -> tuple[dict, str]:
+    torch.set_num_threads(1)
+    assert main(["demo", "--out", str(out), *QUICK, *extra]) == 0
+    return json.loads((out / "results.json").read_text()), capsys.readouterr().out
+
+
+def _check_report(out: Path, results: dict) -> None:
+    missing = [name for name in FILES if not (out / name).is_file()]
+    assert not missing, f"the report lacks {missing}"
+    assert [row["defense"] for row in results["leakage"]] == DEFENSES
+    page = (out / "index.html").read_text()
+    leakage_table = page.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+    assert leakage_table.count("<tr>") == 3
+    assert len(re.findall(r"^\| (no defense|GradGuard|Opacus DP-SGD)", (out / "README.md").read_text(), re.M)) == 3
+    # Every PSNR in the table is the PSNR of the saved reconstruction against the saved attacked image.
+    saved = load_file(str(out / "reconstructions.safetensors"))
+    for row in results["leakage"]:
+        assert row["psnr"] == pytest.approx(psnr(saved[row["defense"]], saved["attacked_image"]).item(), abs=1e-4)
+        assert 0 <= row["lpips"] and -1 <= row["ssim"] <= 1
+    # DP-SGD's epsilon is Opacus' RDP epsilon of one step at sample rate 1 (batch 1 of one image).
+    accountant = RDPAccountant()
+    accountant.history = [(1.0, 1.0, 1)]
+    assert results["leakage"][2]["epsilon"] == pytest.approx(accountant.get_epsilon(delta=1e-5))
+    assert results["leakage"][0]["epsilon"] is None and results["leakage"][1]["epsilon"] is None
+
+
+def test_demo_federates_over_grpc_and_reports_leakage_and_accuracy(tmp_path, capsys):
+    assert (data_dir() / "pneumoniamnist.npz").is_file(), \
+        f"{data_dir()} lacks pneumoniamnist.npz: set GRADGUARD_SHARED to the shared assets folder"
+    out = tmp_path / "report"
+    results, stdout = _run(out, capsys)
+    _check_report(out, results)
+    assert results["fallback_reason"] == "" and "pneumoniamnist" in results["data_source"]
+    assert results["bytes_sent"] > 0 and "report:" in stdout
+    # The attacked image is one of the training images (client 1's), not a synthetic one.
+    train = load_medmnist("pneumoniamnist", "train", size=32)
+    attacked = load_file(str(out / "reconstructions.safetensors"))["attacked_image"]
+    assert (train.images - attacked).flatten(1).abs().amax(dim=1).min() == 0
+    # The reported accuracy is that of the saved global model on the test split.
+    test = load_medmnist("pneumoniamnist", "test", size=32)
+    model = SmallCNN(1, 2)
+    model.load_state_dict(load_file(str(out / "global_model.safetensors")))
+    with torch.no_grad():
+        accuracy = (model.eval()(test.images).argmax(dim=1) == test.labels).float().mean().item()
+    assert results["utility"]["accuracy"] == pytest.approx(accuracy)
+    assert results["utility"]["majority_rate"] == pytest.approx(0.625)
+
+
+def test_without_data_offline_it_says_so_and_attacks_the_shipped_medical_images(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GRADGUARD_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "report"
+    results, stdout = _run(out, capsys, "--no-download")
+    assert "NO MEDMNIST DATA" in stdout and "only the attack part" in stdout
+    _check_report(out, results)
+    assert results["utility"] is None and "pneumoniamnist.npz is in none of" in results["fallback_reason"]
+    assert "CT_small.dcm" in results["victim"]
+    attacked = load_file(str(out / "reconstructions.safetensors"))["attacked_image"]
+    torch.testing.assert_close(attacked, shipped_data(32, reason="").train.images[:1])
+
+
+def test_bad_settings_are_refused_with_the_field_named(tmp_path):
+    with pytest.raises(SystemExit, match=r"\['batch_size'\]"):
+        main(["demo", "--out", str(tmp_path), "--batch-size", "100", "--images-per-client", "16"])
