@@ -1,6 +1,7 @@
 """Configuration of the guard: one dataclass, documented defaults, named presets."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -55,7 +56,9 @@ class GuardConfig:
             of the masks; the update then carries (epsilon, delta).
     Other
         update_kind: what ``protected_update()`` returns, a weight "delta" or the "gradient".
-        seed: seeds the noise generator, so masks and noise are reproducible.
+        seed: seeds the noise and the shadow. None (the default) draws a secret seed per guard:
+            whoever knows the seed can regenerate the noise, so it never leaves the client
+            (it is not in the update's metadata). Set it only for reproducible experiments.
     """
 
     noise_amplitude: float = 0.15
@@ -88,7 +91,7 @@ class GuardConfig:
     dp_accountant: str = "rdp"
 
     update_kind: Literal["delta", "gradient"] = "delta"
-    seed: int = 0
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -116,6 +119,10 @@ class GuardConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def public_dict(self) -> dict[str, Any]:
+        """Every field but the seed: what may travel with an update."""
+        return {k: v for k, v in asdict(self).items() if k != "seed"}
+
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "GuardConfig":
         """A named preset: default, shadowdef, shadow_only, relevance_only, untargeted."""
@@ -124,6 +131,13 @@ class GuardConfig:
         except KeyError:
             raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
         return replace(base, **overrides)
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A reproducible seed per (seed, client, round, ...): guards restarted with the same base
+    seed would otherwise all draw the same noise sequence."""
+    digest = hashlib.blake2b("/".join(map(str, (seed, *parts))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFFFFFFFFFF
 
 
 PRESETS: dict[str, GuardConfig] = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import secrets
 import weakref
 from dataclasses import dataclass, field
 
@@ -90,6 +91,8 @@ class GradGuard:
     def __init__(self, config: GuardConfig | None = None, *, client_id: str = "",
                  device: str | torch.device | None = None) -> None:
         self.config = config or GuardConfig()
+        # A secret seed unless one is given: the noise must not be reproducible by a peer.
+        self.seed = self.config.seed if self.config.seed is not None else secrets.randbits(63)
         self.client_id = client_id
         self._device = torch.device(device) if device is not None else None
         self.masks = mk.MaskStore()
@@ -198,7 +201,7 @@ class GradGuard:
             round=self.round, client_id=self.client_id, batch_size=state.batch_size,
             learning_rate=float(self._optimizer.param_groups[0]["lr"]) if self._optimizer else None,
             epsilon=self.epsilon, delta=self.config.dp_delta if self._dp is not None else None,
-            metadata={"defense": "gradguard", "config": json.dumps(self.config.to_dict(), sort_keys=True)},
+            metadata={"defense": "gradguard", "config": json.dumps(self.config.public_dict(), sort_keys=True)},
         )
         self.round += 1
         self._state = _RoundState()
@@ -263,7 +266,7 @@ class GradGuard:
             self.shadow = build_shadow(cfg.shadow, feature_dim=features.flatten(1).shape[1],
                                        image_shape=tuple(images.shape[1:]), width=cfg.shadow_width,
                                        lr=cfg.shadow_lr, steps=cfg.shadow_steps_per_batch,
-                                       device=images.device, seed=cfg.seed)
+                                       device=images.device, seed=self.seed)
         return self.shadow
 
     def _noise_like(self, images: torch.Tensor) -> torch.Tensor:
@@ -272,7 +275,7 @@ class GradGuard:
         if kind == "mask":
             return torch.ones_like(images)
         if self._noise is None or self._noise.device != images.device:
-            self._noise = torch.Generator(device=images.device).manual_seed(self.config.seed)
+            self._noise = torch.Generator(device=images.device).manual_seed(self.seed)
         if kind == "uniform":
             # Uniform on [-sqrt(3), sqrt(3)] has unit variance, like the Gaussian.
             u = torch.rand(images.shape, generator=self._noise, device=images.device, dtype=images.dtype)

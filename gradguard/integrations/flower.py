@@ -26,7 +26,6 @@ engine each message runs in a fresh ClientApp process, so in-memory state would 
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import secrets
@@ -46,7 +45,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from gradguard.config import GuardConfig
+from gradguard.config import GuardConfig, derive_seed
 from gradguard.guard import GradGuard
 from gradguard.update import ProtectedUpdate
 
@@ -108,13 +107,6 @@ def node_client_id(context: Context) -> str:
     return f"node-{context.node_id}"
 
 
-def _round_seed(seed: int, client_id: str, round_index: int) -> int:
-    # Fresh, reproducible noise per client and round: a guard restarted every round with the
-    # same seed would draw the same noise sequence each time.
-    digest = hashlib.blake2b(f"{seed}/{client_id}/{round_index}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
-
-
 def _save_guard(guard: GradGuard) -> bytes:
     buffer = io.BytesIO()
     torch.save({"masks": guard.masks, "shadow": guard.shadow, "total_steps": guard.total_steps}, buffer)
@@ -156,7 +148,9 @@ def guarded_round(model: nn.Module, optimizer: torch.optim.Optimizer, train: Tra
                          "every round and under-report epsilon); for an (epsilon, delta) guarantee on the update "
                          "add Flower's DifferentialPrivacyClientSideFixedClipping + fixedclipping_mod, or set "
                          "dp_noise_multiplier=None")
-    guard = GradGuard(config.with_(seed=_round_seed(config.seed, client_id, round)), client_id=client_id)
+    # Fresh noise per client and round; no seed means the guard draws a secret one.
+    seed = None if config.seed is None else derive_seed(config.seed, client_id, round)
+    guard = GradGuard(config.with_(seed=seed), client_id=client_id)
     if state is not None:
         _restore_guard(guard, state, next(model.parameters()).device)
     guard.begin_round(round)

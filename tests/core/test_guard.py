@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -173,3 +174,19 @@ def test_runs_on_cuda(chest_batch):
     train(model, optimizer, images.cuda(), labels.cuda(), steps=2)
     update = guard.protected_update()
     assert all(t.device.type == "cpu" for t in update.tensors.values())
+
+
+def test_noise_seed_is_secret_by_default_and_never_shared(chest_batch):
+    images, labels = chest_batch
+    updates = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = SmallCNN(1, 2, width=8)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        guard = GradGuard(GuardConfig())  # no seed given
+        guard.wrap(model, optimizer)
+        train(model, optimizer, images, labels, steps=1)
+        updates.append(guard.protected_update())
+    assert not torch.allclose(updates[0].tensors["features.0.weight"], updates[1].tensors["features.0.weight"])
+    for update in updates:
+        assert "seed" not in json.loads(update.metadata["config"])

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import GradGuard, GuardConfig
+from gradguard.config import derive_seed
 from gradguard.eval.defenses.base import Batch, Defense, LocalRound, local_sgd, register_defense
 from gradguard.masks import sample_id
 from gradguard.update import UpdateKind
@@ -33,8 +34,10 @@ class GuardedDefense(Defense):
     def _guard(self, context: LocalRound) -> GradGuard:
         guard = self.guards.get(context.client_id)
         if guard is None:
-            config = GuardConfig.preset(self.preset, **{"total_rounds": context.total_rounds,
-                                                       **self.overrides, "update_kind": self.share})
+            # Benchmarks must be reproducible: each client gets its own seed derived from ``seed``.
+            seed = derive_seed(self.overrides.get("seed", 0), context.client_id)
+            config = GuardConfig.preset(self.preset, **{"total_rounds": context.total_rounds, **self.overrides,
+                                                       "seed": seed, "update_kind": self.share})
             guard = self.guards[context.client_id] = GradGuard(config, client_id=context.client_id)
         elif guard.config.total_rounds != context.total_rounds and "total_rounds" not in self.overrides:
             raise ValueError(f"client {context.client_id!r} was first run with total_rounds="
