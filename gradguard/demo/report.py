@@ -19,14 +19,16 @@ from gradguard.transport.codec import write_tensors
 
 MASK_FIGURE = "masks.png"
 RECONSTRUCTION_FIGURE = "reconstructions.png"
-COLUMNS = ("defense", "PSNR (dB) ↓", "SSIM ↓", "LPIPS ↑", "(ε, δ)")
+COLUMNS = ("defense", "PSNR (dB) ↓", "SSIM ↓", "LPIPS ↑", "scored", "(ε, δ)")
+SCORING = ("Each reconstruction is scored plain and after the adaptive attacker's blind denoising (tv: total "
+           "variation, nlm: non-local means); the stronger (higher PSNR) counts, as in `make bench`.")
 
 
 @dataclass
 class DemoResult:
     """Everything the report shows.
 
-    utility: the final global model's test metrics (accuracy, micro_f1, macro_f1, majority_rate,
+    utility: the final global model's test metrics (:func:`gradguard.eval.bench.evaluate`'s, and
         test_images); None in the offline fallback, which trains no federation.
     figure_images / figure_captions: the images of the mask figure, one caption each.
     victim_caption: the attacked image (the first of ``figure_images``).
@@ -36,7 +38,7 @@ class DemoResult:
     data_source: str
     fallback_reason: str
     device: str
-    utility: dict[str, float] | None
+    utility: dict[str, Any] | None
     explanation: MaskExplanation
     figure_images: Tensor
     figure_captions: list[str]
@@ -53,7 +55,7 @@ class DemoResult:
         for o in self.outcomes:
             lpips = f"{o.lpips:.3f}" if o.lpips is not None else "n/a"
             guarantee = f"({o.epsilon:.2f}, {o.delta:g})" if o.epsilon is not None else "none"
-            rows.append([o.label, f"{o.psnr:.2f}", f"{o.ssim:.3f}", lpips, guarantee])
+            rows.append([o.label, f"{o.psnr:.2f}", f"{o.ssim:.3f}", lpips, o.variant, guarantee])
         return rows
 
     def settings(self) -> list[tuple[str, str]]:
@@ -82,9 +84,10 @@ class DemoResult:
         if self.utility is None:
             return "No federation ran (no MedMNIST data), so there is no global-model accuracy."
         u, cfg = self.utility, self.config
+        verdict = (f"it has collapsed to (almost) one class (the majority class is {u['majority_accuracy']:.3f} of the "
+                   "test images)" if u["collapsed"] else f"the majority class is {u['majority_accuracy']:.3f} of them")
         return (f"Global model after {cfg.rounds} rounds of GradGuard-protected FedAvg: test accuracy "
-                f"{u['accuracy']:.3f}, macro-F1 {u['macro_f1']:.3f} on {int(u['test_images'])} test images "
-                f"(the majority class is {u['majority_rate']:.3f} of them: a model at that accuracy has collapsed). "
+                f"{u['accuracy']:.3f}, macro-F1 {u['macro_f1']:.3f} on {u['test_images']} test images; {verdict}. "
                 "A few rounds on a few hundred images is a smoke test, not a utility measurement: "
                 "`make bench` runs the evaluation protocol.")
 
@@ -94,7 +97,7 @@ class DemoResult:
             "device": self.device, "utility": self.utility, "victim": self.victim_caption,
             "lpips_source": self.lpips_source, "bytes_sent": self.bytes_sent, "seconds": self.seconds,
             "leakage": [{"defense": o.defense, "label": o.label, "psnr": o.psnr, "ssim": o.ssim, "lpips": o.lpips,
-                         "epsilon": o.epsilon, "delta": o.delta} for o in self.outcomes],
+                         "variant": o.variant, "epsilon": o.epsilon, "delta": o.delta} for o in self.outcomes],
         }
 
 
@@ -129,7 +132,7 @@ def mask_figure(result: DemoResult, path: Path) -> None:
 def reconstruction_figure(result: DemoResult, path: Path) -> None:
     """The attacked image and the attack's reconstruction under each defense, with its PSNR."""
     panels = [("attacked image", result.figure_images[0])] + \
-             [(f"{o.defense}\n{o.psnr:.1f} dB", o.reconstruction[0]) for o in result.outcomes]
+             [(f"{o.defense} ({o.variant})\n{o.psnr:.1f} dB", o.reconstruction[0]) for o in result.outcomes]
     fig = Figure(figsize=(1.9 * len(panels), 2.3))
     axes = fig.subplots(1, len(panels), squeeze=False)
     for axis, (title, image) in zip(axes[0], panels):
@@ -146,7 +149,7 @@ def markdown(result: DemoResult) -> str:
         "# GradGuard demo report", "",
         f"What a gradient inversion attack recovers of one patient image from its client's update, "
         f"without a defense, with GradGuard and with Opacus DP-SGD.", "",
-        "## Leakage (lower PSNR/SSIM and higher LPIPS mean less leaked)", "", *table, "",
+        "## Leakage (lower PSNR/SSIM and higher LPIPS mean less leaked)", "", *table, "", SCORING, "",
         f"![reconstructions]({RECONSTRUCTION_FIGURE})", "",
         "## Utility", "", result.utility_text(), "",
         "## GradGuard's masks", "",
@@ -175,6 +178,7 @@ img{{max-width:100%}}</style></head><body>
 defense, with GradGuard and with Opacus DP-SGD.</p>
 <h2>Leakage (lower PSNR/SSIM and higher LPIPS mean less leaked)</h2>
 {_html_table(COLUMNS, result.table())}
+<p>{html.escape(SCORING)}</p>
 <img src="{RECONSTRUCTION_FIGURE}" alt="the attacked image and its reconstructions">
 <h2>Utility</h2><p>{html.escape(result.utility_text())}</p>
 <h2>GradGuard's masks</h2>

@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from gradguard.demo.comparison import compare_defenses
 from gradguard.demo.config import DemoConfig
@@ -16,9 +15,9 @@ from gradguard.demo.data import DemoData, find_data
 from gradguard.demo.federation import GuardedClient, run_federation
 from gradguard.demo.report import DemoResult, write_report
 from gradguard.eval.attacks import build_attack
-from gradguard.eval.datasets import ImageSet
+from gradguard.eval.bench import evaluate
 from gradguard.eval.defenses import Defense, build_defense
-from gradguard.eval.metrics import LPIPSMetric, utility
+from gradguard.eval.metrics import LPIPSMetric
 from gradguard.eval.models import SmallCNN
 from gradguard.eval.partition import ClientLayout, partition_clients
 
@@ -33,16 +32,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto")
     return device
-
-
-@torch.no_grad()
-def evaluate_utility(model: nn.Module, test: ImageSet, device: torch.device) -> dict[str, float]:
-    """Accuracy, micro-F1 and macro-F1 on ``test``, with the majority-class rate beside them."""
-    model.eval()
-    predictions = torch.cat([model(chunk.to(device)).argmax(dim=1).cpu() for chunk in test.images.split(256)])
-    counts = torch.bincount(test.labels, minlength=test.num_classes)
-    return {**utility(test.labels, predictions, test.num_classes),
-            "majority_rate": float(counts.max() / counts.sum()), "test_images": float(len(test))}
 
 
 def _lpips(device: torch.device) -> tuple[LPIPSMetric | None, str]:
@@ -112,7 +101,7 @@ def run_demo(config: DemoConfig, out: Path, *, echo: Echo = print) -> tuple[Demo
             model.load_state_dict(federation.global_state)
             client = federation.clients[0]
             client.model.load_state_dict(federation.global_state)  # its maps are the final global model's
-            metrics = evaluate_utility(model, data.test, device)
+            metrics = {**evaluate(model, data.test, device=device), "test_images": len(data.test)}
             bytes_sent = sum(c.bytes_sent for c in federation.clients)
             echo(f"      global model: test accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
     else:
