@@ -58,6 +58,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise SystemExit(f"gradguard demo: {err}") from None
     result, page = run_demo(config, args.out)
     for name, psnr, ssim, lpips, variant, guarantee in result.table():
-        print(f"  {name:<32} PSNR {psnr:>6} dB  SSIM {ssim:>6}  LPIPS {lpips:>5}  ({variant})  (eps, delta) {guarantee}")
+        print(f"  {name:<32} PSNR {psnr:>6} dB  SSIM {ssim:>6}  LPIPS {lpips:>5}  ({variant})  "
+              f"(eps, delta) {guarantee}")
     print(f"{result.utility_text()}\nreport: {page}")
     return 0

@@ -84,8 +84,8 @@ class DemoResult:
         if self.utility is None:
             return "No federation ran (no MedMNIST data), so there is no global-model accuracy."
         u, cfg = self.utility, self.config
-        verdict = (f"it has collapsed to (almost) one class (the majority class is {u['majority_accuracy']:.3f} of the "
-                   "test images)" if u["collapsed"] else f"the majority class is {u['majority_accuracy']:.3f} of them")
+        majority = f"the majority class is {u['majority_accuracy']:.3f} of the test images"
+        verdict = f"it has collapsed to (almost) one class ({majority})" if u["collapsed"] else majority
         return (f"Global model after {cfg.rounds} rounds of GradGuard-protected FedAvg: test accuracy "
                 f"{u['accuracy']:.3f}, macro-F1 {u['macro_f1']:.3f} on {u['test_images']} test images; {verdict}. "
                 "A few rounds on a few hundred images is a smoke test, not a utility measurement: "
