@@ -55,6 +55,12 @@ class GuardConfig:
         dp_noise_multiplier, dp_max_grad_norm, dp_delta, dp_accountant: Opacus DP-SGD on top
             of the masks; the update then carries (epsilon, delta).
     Other
+        bn_statistics: "clean" updates BatchNorm running statistics from an extra no-grad
+            forward of the clean batch (the noised forward leaves them alone), so the global
+            model's statistics match the clean images it is used on; costs one forward per
+            step and shares clean batch statistics (per channel) in the update. "noised" keeps
+            the statistics of the noised inputs (the paper's behaviour; the model then sees
+            other statistics at test time).
         update_kind: what ``protected_update()`` returns, a weight "delta" or the "gradient".
         seed: seeds the noise and the shadow. None (the default) draws a secret seed per guard:
             whoever knows the seed can regenerate the noise, so it never leaves the client
@@ -90,6 +96,7 @@ class GuardConfig:
     dp_delta: float = 1e-5
     dp_accountant: str = "rdp"
 
+    bn_statistics: Literal["clean", "noised"] = "clean"
     update_kind: Literal["delta", "gradient"] = "delta"
     seed: int | None = None
 
@@ -157,6 +164,7 @@ PRESETS: dict[str, GuardConfig] = {
         combine="subtract",
         mask_floor=0.0,
         mask_normalization="peak",
+        bn_statistics="noised",
         shadow="generator",
         shadow_steps_per_batch=5,
     ),

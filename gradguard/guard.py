@@ -110,6 +110,9 @@ class GradGuard:
         self._pending_ids: list[str] | None = None
         self._pending_labels: torch.Tensor | None = None
         self._batch: tuple[torch.Tensor, torch.Tensor | None] | None = None  # clean images, features
+        self._batchnorms: list[nn.modules.batchnorm._BatchNorm] = []
+        self._frozen_bn: list[tuple[float | None, torch.Tensor | None]] = []  # restored after the forward
+        self._clean_pass = False
 
     # ------------------------------------------------------------------ lifecycle
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int | None = None,
@@ -147,6 +150,10 @@ class GradGuard:
             self._accountant = self._dp.accountant
             train_model, train_optimizer = self._dp.module, self._dp.optimizer
         self._handles.append(model.register_forward_pre_hook(self._protect))
+        self._batchnorms = [m for m in model.modules()
+                            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if self._batchnorms and cfg.bn_statistics == "clean":
+            self._handles.append(model.register_forward_hook(self._restore_batchnorm))
         if cfg.shadow != "none":
             self._handles.append(final_linear(model)[1].register_forward_hook(self._capture_features))
         self._handles.append(optimizer.register_step_post_hook(self._after_step))
@@ -307,7 +314,7 @@ class GradGuard:
 
     # ------------------------------------------------------------------ hooks
     def _protect(self, module: nn.Module, args: tuple):
-        if not module.training or not args:
+        if self._clean_pass or not module.training or not args:
             return None
         images = args[0]
         if not torch.is_tensor(images) or images.ndim != 4 or not images.is_floating_point():
@@ -333,11 +340,38 @@ class GradGuard:
         state.seen.update(ids)
         state.batch_size = max(state.batch_size, len(ids))
         self._batch = (images.detach(), None)
+        if self._batchnorms and self.config.bn_statistics == "clean":
+            self._clean_batchnorm_statistics(module, images, args[1:])
         noised = self.noised(images, self.masks.stack(ids, images.device))
         return (noised,) + tuple(args[1:])
 
+    def _clean_batchnorm_statistics(self, module: nn.Module, images: torch.Tensor, rest: tuple) -> None:
+        """Running statistics from the clean batch; the noised forward then leaves them alone.
+
+        Statistics of noised inputs would not match the clean images the model is tested on
+        (measured: the global model collapsed to the majority class without this).
+        """
+        self._clean_pass = True
+        try:
+            with torch.no_grad():
+                module(images, *rest)
+        finally:
+            self._clean_pass = False
+        self._frozen_bn = []
+        for bn in self._batchnorms:
+            tracked = bn.num_batches_tracked.clone() if bn.num_batches_tracked is not None else None
+            self._frozen_bn.append((bn.momentum, tracked))
+            bn.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+
+    def _restore_batchnorm(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        for bn, (momentum, tracked) in zip(self._batchnorms, self._frozen_bn):
+            bn.momentum = momentum
+            if tracked is not None:
+                bn.num_batches_tracked.copy_(tracked)
+        self._frozen_bn = []
+
     def _capture_features(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if module.training and self._batch is not None:
+        if module.training and self._batch is not None and not self._clean_pass:
             self._batch = (self._batch[0], args[0].detach())
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:

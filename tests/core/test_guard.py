@@ -190,3 +190,23 @@ def test_noise_seed_is_secret_by_default_and_never_shared(chest_batch):
     assert not torch.allclose(updates[0].tensors["features.0.weight"], updates[1].tensors["features.0.weight"])
     for update in updates:
         assert "seed" not in json.loads(update.metadata["config"])
+
+
+@pytest.mark.parametrize("mode", ["clean", "noised"])
+def test_batchnorm_statistics_follow_the_configured_inputs(chest_batch, mode):
+    images, labels = chest_batch
+    torch.manual_seed(0)
+    model = SmallCNN(1, 2, width=8)
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: only BN buffers move
+    guard = GradGuard(GuardConfig(noise_amplitude=0.5, bn_statistics=mode, seed=0))
+    guard.wrap(model, optimizer)
+    train(model, optimizer, images, labels, steps=2)
+    reference.train()
+    with torch.no_grad():
+        for s in range(2):
+            reference(images[4 * s:4 * s + 4])  # running statistics of the clean batches
+    clean = torch.allclose(model.features[1].running_var, reference.features[1].running_var, atol=1e-6)
+    assert clean == (mode == "clean")
+    assert model.features[1].num_batches_tracked.item() == 2
+    assert model.features[1].momentum == 0.1
