@@ -9,8 +9,10 @@ from gradguard.eval.attacks.dlg import DLG, DLGConfig
 from gradguard.eval.attacks.inverting import InvertingConfig, InvertingGradients
 from gradguard.eval.attacks.labels import recover_labels
 from gradguard.eval.attacks.learned import LearnedConfig, LearnedDecoderAttack
+from gradguard.eval.attacks.observation import MODEL_MODE_KEY, Observation, observe
 
 __all__ = [
-    "ATTACKS", "Attack", "AttackConfig", "AttackResult", "BNFedAvgAttack", "BNFedAvgConfig", "DLG", "DLGConfig", "InvertingConfig",
-    "InvertingGradients", "LearnedConfig", "LearnedDecoderAttack", "build_attack", "recover_labels", "register_attack",
+    "ATTACKS", "Attack", "AttackConfig", "AttackResult", "BNFedAvgAttack", "BNFedAvgConfig", "DLG", "DLGConfig",
+    "InvertingConfig", "InvertingGradients", "LearnedConfig", "LearnedDecoderAttack", "MODEL_MODE_KEY",
+    "Observation", "build_attack", "observe", "recover_labels", "register_attack",
 ]

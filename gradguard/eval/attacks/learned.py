@@ -105,8 +105,9 @@ class LearnedDecoderAttack(InvertingGradients):
         usable = len(images) - len(images) % batch_size  # whole batches only
         images = images[torch.randperm(len(images), generator=generator)[:usable]].to(device)
         features = F.normalize(_head_inputs(model.train(train_mode), images, batch_size), dim=1)
-        torch.manual_seed(cfg.seed)  # the decoder's initialisation
-        decoder = FeatureDecoder(features.shape[1], tuple(images.shape[1:]), cfg.decoder_width).to(device)
+        with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's RNG alone
+            torch.manual_seed(cfg.seed)
+            decoder = FeatureDecoder(features.shape[1], tuple(images.shape[1:]), cfg.decoder_width).to(device)
         optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.fit_lr)
         for _ in tqdm(range(cfg.fit_steps), desc=f"{self.name} fit", disable=not cfg.progress, leave=False):
             batch = torch.randint(usable, (cfg.fit_batch,), generator=generator).to(device)

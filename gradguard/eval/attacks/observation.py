@@ -70,7 +70,7 @@ def observe(model: nn.Module, update: ProtectedUpdate, *, image_shape: tuple[int
                              f"the model's parameter has {tuple(params[name].shape)}")
     if update.kind == "gradient":
         target = {name: update.tensors[name].to(device) for name in trainable}
-        num_steps, lr = 1, update.learning_rate or 1.0
+        num_steps, lr = 1, update.learning_rate or 1.0  # one step: the learning rate plays no part
         batch_size = update.num_samples
     else:
         if update.learning_rate is None or update.learning_rate <= 0:
