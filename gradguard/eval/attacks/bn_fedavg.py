@@ -29,12 +29,15 @@ from gradguard.eval.attacks.observation import Observation
 class BNFedAvgConfig(InvertingConfig):
     """The BN-statistics-aware attack; the Inverting Gradients fields plus its own terms.
 
-    Defaults are the benchmark's full-size run (iterations=2000, restarts=2, lr=0.1). The
-    weights were measured on batches of four 32 px PneumoniaMNIST images, 3 local steps of a
-    BatchNorm SmallCNN: bn_weight 0.03-0.1 beat 0 (by about 2 dB) and 0.3-1 (too strong).
+    Defaults are the benchmark's full-size run (iterations=2000, restarts=2, lr=0.1).
     simulate_steps=True: the client's local steps are replayed (the attack's point).
-    bn_weight: weight of the BN statistics distance (sum over layers of the L2 distances of
-        the per-channel means and variances) against the cosine distance of the updates.
+    bn_weight: weight of the BN statistics distance against the cosine distance of the updates.
+        Per layer, the L2 norm of the mean error in units of the revealed standard deviation
+        plus that of the log ratio of the variances. DeepInversion's plain L2 norms let deep
+        layers of large scale dominate (on ResNet-18 a replayed step on a random batch can blow
+        a variance up to 1e6); the scale-free form also recovered 0.4-1.7 dB more on batches of
+        four 32 px PneumoniaMNIST images, 3 local steps of a BatchNorm SmallCNN. There, with
+        0.01-0.03, the attack beat plain IG (same budget) by 2.3-3.9 dB best-match PSNR.
     prior_weight: weight of the L2 image prior, the mean squared distance to mid-grey (the
         [0, 1] analogue of DeepInversion's norm on normalised images).
     tv_weight=0.1: batches need a stronger smoothness prior than single images.
@@ -42,8 +45,11 @@ class BNFedAvgConfig(InvertingConfig):
 
     simulate_steps: bool = True
     tv_weight: float = 0.1
-    bn_weight: float = 0.1
+    bn_weight: float = 0.03
     prior_weight: float = 1e-2
+
+
+_EPS = 1e-5  # BatchNorm's own epsilon: variances below it do not matter to the layer
 
 
 @dataclass
@@ -84,7 +90,9 @@ class BNFedAvgAttack(InvertingGradients):
             dims = [0, *range(2, inputs[0].dim())]
             mean = sum(w * x.mean(dim=dims) for w, x in zip(target.step_weights, inputs))
             var = sum(w * x.var(dim=dims) for w, x in zip(target.step_weights, inputs))
-            distance = distance + (mean - target.mean).norm() + (var - target.var).norm()
+            mean_error = (mean - target.mean) / (target.var + _EPS).sqrt()
+            var_error = torch.log((var + _EPS) / (target.var + _EPS))
+            distance = distance + mean_error.norm() + var_error.norm()
         return distance
 
 
