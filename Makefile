@@ -7,7 +7,7 @@ EXTRAS ?= dev,eval,flower
 SHARED ?= $(abspath ../shared)
 export GRADGUARD_SHARED ?= $(SHARED)
 
-.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick proto clean
+.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-paper proto clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,11 @@ bench-transport: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m gradguard.cli bench --quick --out bench-out/quick
+
+# The full evaluation protocol (RESULTS.md); sized for a GPU. The cache in bench-out/paper makes
+# an interrupted run resume; the report lands in benchmarks/results/paper.
+bench-paper: $(STAMP)
+	$(PY) -m gradguard.cli bench --full --device auto --out bench-out/paper --report-dir benchmarks/results/paper
 
 bench: bench-step bench-shadow bench-transport
 

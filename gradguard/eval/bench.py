@@ -124,8 +124,8 @@ class BenchConfig:
     scale: float = 0.1
     distribution: Distribution = "iid"
     alpha: float = 0.5
-    rounds: int = 3
-    lr: float = 0.05
+    rounds: int = 6
+    lr: float = 0.03
     capture_rounds: tuple[int, ...] | None = None
     clients: tuple[str, ...] | None = None
     seeds: tuple[int, ...] = (0,)
@@ -198,9 +198,9 @@ def mode_config(mode: Mode) -> BenchConfig:
     """The preset of a mode.
 
     smoke: the test's plumbing check (3 defenses, 2 rounds, a short attack; about a minute).
-    quick: every defense on PneumoniaMNIST at 0.1 of the layout, 3 rounds, IG 300 steps; under
-        10 minutes on 2 CPU cores. Utility after 3 rounds is not converged: quick mode checks
-        the pipeline and the leakage ordering, not utility.
+    quick: every defense on PneumoniaMNIST at 0.1 of the layout (137 training images), 6 rounds,
+        one seed, IG 300 steps; under 10 minutes on 2 CPU cores. With so little data and one
+        seed, utility is indicative only (other seeds collapse even without a defense).
     full: both datasets, every defense setting, every registered attack at its full-size
         defaults, ResNet-18 at 64 px, 0.75 of the layout (RetinaMNIST's training split holds
         1080 images), 40 rounds, 3 seeds. Sized for a GPU.
@@ -208,7 +208,7 @@ def mode_config(mode: Mode) -> BenchConfig:
     if mode == "quick":
         return BenchConfig()
     if mode == "smoke":
-        return BenchConfig(rounds=2, defenses=_specs("none", "gradguard", "gaussian:sigma0=1.0"),
+        return BenchConfig(rounds=2, lr=0.05, defenses=_specs("none", "gradguard", "gaussian:sigma0=1.0"),
                            attacks=_specs("inverting_gradients:iterations=200,restarts=1"))
     if mode == "full":
         return BenchConfig(datasets=("pneumoniamnist", "retinamnist"), image_size=64, model="resnet18",
@@ -273,10 +273,19 @@ def _check_run(layout: Layout, config: BenchConfig) -> None:
 # ---------------------------------------------------------------------------- federation
 @dataclass
 class Data:
-    """A dataset's splits, loaded once per benchmark."""
+    """A dataset's splits, loaded once per benchmark.
+
+    ``prior`` (the validation split, disjoint from every client's data and from the test split)
+    is the attacker's own data: learned attacks fit on it, and its mean image is the reference
+    an attacker reaches without any update."""
 
     train: ImageSet
     test: ImageSet
+    prior: ImageSet
+
+    @classmethod
+    def load(cls, name: str, size: int) -> "Data":
+        return cls(*(load_medmnist(name, split, size=size) for split in ("train", "test", "val")))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -402,15 +411,19 @@ def attack_cell(config: BenchConfig, data: Data, defense: Spec, attack: Spec, ro
                 capture: dict[str, Any], lpips_metric: LPIPSMetric, images_path: Path) -> dict[str, Any]:
     """Attack one captured update; the record scores plain and adaptive results, the stronger counts.
 
-    The attacker gets the global model, the update and its metadata; it recovers the labels itself.
-    The chosen reconstruction and, for each image, the client image it matches best are saved
-    to ``images_path`` for the report's grids."""
+    The attacker gets the global model, the update and its metadata; it recovers the labels
+    itself, and an attack that learns from data (a ``prior_images`` config field) gets
+    ``data.prior``. The chosen reconstruction and, for each image, the client image it matches
+    best are saved to ``images_path`` for the report's grids. ``mean_image`` scores the prior's
+    mean image, the reference that needs no update."""
     model = _model(config, data)
     model.load_state_dict(capture["global"])
     update = ProtectedUpdate(**capture["updates"][client])
     originals = capture["images"][client]
-    overrides = {"device": config.device, "seed": config.seeds[0], "progress": config.progress, **attack.params}
-    result = build_attack(attack.name, **overrides).reconstruct(
+    overrides = {"device": config.device, "seed": config.seeds[0], "progress": config.progress}
+    if "prior_images" in {f.name for f in dataclasses.fields(ATTACKS[attack.name].config_class)}:
+        overrides["prior_images"] = data.prior.images
+    result = build_attack(attack.name, **{**overrides, **attack.params}).reconstruct(
         model=model, update=update, image_shape=data.image_shape, num_classes=data.train.num_classes)
     variants = adaptive_variants(result.images)
     scores = {name: leakage(images, originals, lpips_metric=lpips_metric) for name, images in variants.items()}
@@ -424,7 +437,8 @@ def attack_cell(config: BenchConfig, data: Data, defense: Spec, attack: Spec, ro
             "client_images": len(originals), "client_batch_size": update.batch_size,
             "local_steps": update.num_steps, "reconstructed": len(reconstruction),
             "labels_recovered": sorted(result.labels.tolist()), **scores[chosen], "variant": chosen,
-            "variants": scores, "attack_seconds": result.seconds}
+            "variants": scores, "attack_seconds": result.seconds,
+            "mean_image": leakage(data.prior.images.mean(dim=0, keepdim=True), originals, lpips_metric=lpips_metric)}
 
 
 # ---------------------------------------------------------------------------- the benchmark
@@ -438,64 +452,82 @@ class BenchOutcome:
     files: list[Path]
 
 
+class _Runner:
+    """One invocation over a cache: computes what is missing, counts it, reads back the rest."""
+
+    def __init__(self, config: BenchConfig, layout: Layout, bar: tqdm):
+        self.config, self.layout, self.bar = config, layout, bar
+        self.trained = self.attacked = 0
+        self._lpips: LPIPSMetric | None = None  # loaded when the first attack cell is computed
+
+    def runs(self, data: Data, defense: Spec, targets: list[str]) -> list[dict[str, Any]]:
+        """The training records of every seed; the first seed's run is redone when a capture
+        that a missing attack cell needs is gone."""
+        config, layout, name = self.config, self.layout, data.train.name
+        needed = {round_ for round_ in config.rounds_attacked for client in targets for attack in config.attacks
+                  if not layout.attack(name, defense, attack, round_, client).is_file()}
+        records = []
+        for seed in config.seeds:
+            path = layout.train(name, defense, seed)
+            capture = seed == config.seeds[0]
+            lost = capture and any(not layout.capture(name, defense, r).is_file() for r in needed)
+            if not path.is_file() or lost:
+                self.bar.set_postfix_str(f"{name} {defense.label} train seed {seed}")
+                _write_json(path, train_run(config, data, defense, seed, layout, capture=capture))
+                self.trained += 1
+            records.append(_read_json(path))
+            self.bar.update()
+        return records
+
+    def cells(self, data: Data, defense: Spec, targets: list[str]) -> list[dict[str, Any]]:
+        """The attack records of every captured update and attack, with their images' path."""
+        config, layout, name = self.config, self.layout, data.train.name
+        records = []
+        for round_ in config.rounds_attacked:
+            capture = None  # loaded once per round, only if a cell of it is missing
+            for client in targets:
+                for attack in config.attacks:
+                    path = layout.attack(name, defense, attack, round_, client)
+                    if not path.is_file():
+                        self.bar.set_postfix_str(f"{name} {defense.label} {attack.label} r{round_} {client}")
+                        if capture is None:
+                            capture = torch.load(layout.capture(name, defense, round_), weights_only=True)
+                        self._lpips = self._lpips or LPIPSMetric(device=config.device)
+                        _write_json(path, attack_cell(config, data, defense, attack, round_, client, capture,
+                                                      self._lpips, path.with_suffix(".pt")))
+                        self.attacked += 1
+                    images = path.with_suffix(".pt").relative_to(layout.root)
+                    records.append({**_read_json(path), "images": str(images)})
+                    self.bar.update()
+        return records
+
+
 def run_bench(config: BenchConfig, out: str | Path, *, report_dir: str | Path | None = None) -> BenchOutcome:
     """Run (or resume) the benchmark with its cache in ``out``; write results.json, tables and
     figures to ``report_dir`` (default ``out``)."""
     layout = Layout(Path(out))
     _check_run(layout, config)
-    device = torch.device(config.device)
-    lpips_metric: LPIPSMetric | None = None  # loaded only when an attack cell is computed
-    trained = attacked = 0
-    runs: list[dict[str, Any]] = []
-    cells: list[dict[str, Any]] = []
-    datasets = {name: Data(load_medmnist(name, "train", size=config.image_size),
-                           load_medmnist(name, "test", size=config.image_size)) for name in config.datasets}
+    datasets = {name: Data.load(name, config.image_size) for name in config.datasets}
     targets = {name: attacked_clients(config, partition_clients(
         data.train.labels, scale=config.scale, distribution=config.distribution, alpha=config.alpha,
         seed=config.seeds[0])) for name, data in datasets.items()}
     units = sum(len(config.defenses) * (len(config.seeds) + len(config.rounds_attacked) * len(targets[name])
                                          * len(config.attacks)) for name in datasets)
-    bar = tqdm(total=units, desc="bench", disable=not config.progress)
-    for name, data in datasets.items():
-        for defense in config.defenses:
-            pending = [(attack, round_, client) for round_ in config.rounds_attacked for client in targets[name]
-                       for attack in config.attacks
-                       if not layout.attack(name, defense, attack, round_, client).is_file()]
-            for seed in config.seeds:
-                path = layout.train(name, defense, seed)
-                capture = seed == config.seeds[0]
-                missing_capture = capture and any(not layout.capture(name, defense, r).is_file()
-                                                  for _, r, _ in pending)
-                if not path.is_file() or missing_capture:
-                    bar.set_postfix_str(f"{name} {defense.label} train seed {seed}")
-                    _write_json(path, train_run(config, data, defense, seed, layout, capture=capture))
-                    trained += 1
-                runs.append(_read_json(path))
-                bar.update()
-            for round_ in config.rounds_attacked:
-                capture_record = None
-                for client in targets[name]:
-                    for attack in config.attacks:
-                        path = layout.attack(name, defense, attack, round_, client)
-                        if not path.is_file():
-                            bar.set_postfix_str(f"{name} {defense.label} {attack.label} r{round_} {client}")
-                            if capture_record is None:
-                                capture_record = torch.load(layout.capture(name, defense, round_),
-                                                            weights_only=True)
-                            lpips_metric = lpips_metric or LPIPSMetric(device=device)
-                            record = attack_cell(config, data, defense, attack, round_, client, capture_record,
-                                                 lpips_metric, path.with_suffix(".pt"))
-                            _write_json(path, record)
-                            attacked += 1
-                        cells.append({**_read_json(path), "images": str(path.with_suffix(".pt").relative_to(
-                            layout.root))})
-                        bar.update()
-    bar.close()
+    runs: list[dict[str, Any]] = []
+    cells: list[dict[str, Any]] = []
+    with tqdm(total=units, desc="bench", disable=not config.progress) as bar:
+        runner = _Runner(config, layout, bar)
+        for name, data in datasets.items():
+            for defense in config.defenses:
+                runs += runner.runs(data, defense, targets[name])
+                cells += runner.cells(data, defense, targets[name])
     results = {"config": config.to_dict(), "fingerprint": config.fingerprint(),
-               "computed": {"train_runs": trained, "attack_cells": attacked}, "runs": runs, "cells": cells}
+               "computed": {"train_runs": runner.trained, "attack_cells": runner.attacked},
+               "runs": runs, "cells": cells}
     report_root = Path(report_dir) if report_dir is not None else layout.root
     files = write_report(results, report_root, cache=layout.root)
-    return BenchOutcome(results=report_root / "results.json", trained=trained, attacked=attacked, files=files)
+    return BenchOutcome(results=report_root / "results.json", trained=runner.trained, attacked=runner.attacked,
+                        files=files)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -533,8 +565,7 @@ def _main(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except (ValueError, KeyError) as err:
         raise SystemExit(f"gradguard bench: {err}") from None
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     outcome = run_bench(config, args.out, report_dir=args.report_dir)
     print(f"gradguard bench: {outcome.trained} training runs and {outcome.attacked} attack cells computed "
@@ -576,5 +607,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, help="clients' SGD learning rate")
     parser.add_argument("--capture-rounds", type=int, nargs="+", metavar="T", help="rounds attacked (1-based)")
     parser.add_argument("--clients", nargs="+", metavar="ID", help="attacked client ids, e.g. client9 client1")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    # The models and batches are small: one thread per process is as fast, and on a shared
+    # machine several threads contend for busy cores (IG measured at 40 vs ~1 step/s).
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -21,7 +21,7 @@ from gradguard.update import ProtectedUpdate
 
 CELL_KEYS = {"dataset", "defense", "defense_name", "defense_params", "attack", "round", "client",
              "client_batch_size", "psnr_best", "ssim_best", "lpips_best", "psnr_strict", "ssim_strict",
-             "lpips_strict", "variant", "variants", "utility", "images"}
+             "lpips_strict", "variant", "variants", "mean_image", "utility", "images"}
 UTILITY_KEYS = {"accuracy_mean", "micro_f1_mean", "macro_f1_mean", "epsilon", "seconds", "collapsed_runs"}
 
 
@@ -32,9 +32,9 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
     try:
-        assert main(["bench", "--smoke", "--out", str(out), "--device", "cpu", "--no-progress", "--threads", "1"]) == 0
+        assert main(["bench", "--smoke", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the CLI sets its own thread count
     return out
 
 
@@ -133,11 +133,13 @@ def test_the_adaptive_attacker_removes_noise_it_estimates_blindly():
 
 
 def test_matched_f1_verdicts():
-    ours = {"micro_f1_mean": 0.80, "leakage": {"psnr_best": 15.0}}
-    def other(f1, p):
-        return {"micro_f1_mean": f1, "leakage": {"psnr_best": p}}
+    ours = {"micro_f1_mean": 0.80, "leakage": {"psnr_best": 15.0}, "collapsed_runs": 0}
+
+    def other(f1, p, collapsed=0):
+        return {"micro_f1_mean": f1, "leakage": {"psnr_best": p}, "collapsed_runs": collapsed}
     assert matched_f1_verdict(ours, other(0.805, 17.0)) == "GradGuard leaks less"
     assert "loses" in matched_f1_verdict(ours, other(0.795, 14.0))
     assert "loses" in matched_f1_verdict(ours, other(0.85, 14.0))
     assert "dominates" in matched_f1_verdict(ours, other(0.70, 16.0))
     assert "trade-off" in matched_f1_verdict(ours, other(0.70, 12.0))
+    assert matched_f1_verdict(ours, other(0.80, 17.0, collapsed=1)) == "no verdict (collapsed runs); GradGuard leaks less"
