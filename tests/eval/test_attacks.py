@@ -16,7 +16,7 @@ from gradguard.eval.attacks import ATTACKS, InvertingGradients, build_attack, re
 from gradguard.eval.attacks.bn_fedavg import _revealed_statistics
 from gradguard.eval.attacks.objectives import simulated_gradient
 from gradguard.eval.attacks.observation import observe
-from gradguard.eval.datasets import ImageSet, load_medmnist, shared_dir
+from gradguard.eval.datasets import ImageSet, data_dir, load_medmnist
 from gradguard.eval.defenses import build_defense
 from gradguard.eval.metrics import pairwise_psnr, psnr
 from gradguard.eval.models import SmallCNN
@@ -36,7 +36,7 @@ def one_thread_for_attacks():
 
 @lru_cache(maxsize=2)
 def _pneumonia(split: str) -> ImageSet:
-    path = shared_dir() / "data" / "pneumoniamnist.npz"
+    path = data_dir() / "pneumoniamnist.npz"
     assert path.is_file(), f"{path} is missing: the attack tests need the shared MedMNIST data (GRADGUARD_SHARED)"
     return load_medmnist("pneumoniamnist", split)
 
