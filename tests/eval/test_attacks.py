@@ -25,15 +25,6 @@ from gradguard.update import ProtectedUpdate
 SHAPE = (1, 32, 32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_for_attacks():
-    """Tiny models: on a shared 2-core machine a second intra-op thread makes each step far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @lru_cache(maxsize=2)
 def _pneumonia(split: str) -> ImageSet:
     path = data_dir() / "pneumoniamnist.npz"

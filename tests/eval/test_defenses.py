@@ -20,15 +20,6 @@ from gradguard.update import snapshot
 ROUND = dict(round=0, total_rounds=4, client_id="c1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: extra intra-op threads only add overhead on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(seed: int = 0, width: int = 8) -> SmallCNN:
     torch.manual_seed(seed)
     return SmallCNN(1, 2, width=width)

@@ -30,15 +30,6 @@ EPS32 = float(np.finfo(np.float32).eps)
 NODE_SEED = 7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The example's ClientApps run with OMP_NUM_THREADS=1; the same here keeps float results identical.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -4,15 +4,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from gradguard.transport import (AggregatorClient, AggregatorConfig, AggregatorServer, RetryPolicy,
                                  generate_tokens)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture
