@@ -8,16 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradguard.errors import UnsupportedModelError
+from gradguard.registry import Registry
 
 RelevanceFn = Callable[[nn.Module, nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-RELEVANCE_METHODS: dict[str, RelevanceFn] = {}
+RELEVANCE_METHODS: Registry[RelevanceFn] = Registry("relevance method")
 
 
 def register_relevance(name: str) -> Callable[[RelevanceFn], RelevanceFn]:
-    def add(fn: RelevanceFn) -> RelevanceFn:
-        RELEVANCE_METHODS[name] = fn
-        return fn
-    return add
+    return RELEVANCE_METHODS.decorator(name)
 
 
 def last_conv_layer(model: nn.Module) -> tuple[str, nn.Module]:
@@ -71,10 +69,7 @@ def integrated_gradients(model: nn.Module, layer: nn.Module, images: torch.Tenso
 
 def attribution(method: str, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Raw attribution magnitude [B, 1, H, W] of ``model`` for ``targets`` (model left in eval mode)."""
-    try:
-        fn = RELEVANCE_METHODS[method]
-    except KeyError:
-        raise KeyError(f"unknown relevance method {method!r}; choose from {sorted(RELEVANCE_METHODS)}") from None
+    fn = RELEVANCE_METHODS.lookup(method)
     layer = last_conv_layer(model)[1] if method in ("gradcam", "guided_gradcam") else model
     images = images.detach().requires_grad_(True)
     return fn(model, layer, images, targets)

@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from gradguard.registry import Registry
+
 
 @dataclass
 class ShadowInputs:
@@ -40,23 +42,16 @@ class Shadow(ABC):
 
 
 ShadowFactory = Callable[..., Shadow]
-SHADOWS: dict[str, ShadowFactory] = {}
+SHADOWS: Registry[ShadowFactory] = Registry("shadow")
 
 
 def register_shadow(name: str) -> Callable[[ShadowFactory], ShadowFactory]:
-    def add(factory: ShadowFactory) -> ShadowFactory:
-        SHADOWS[name] = factory
-        return factory
-    return add
+    return SHADOWS.decorator(name)
 
 
 def build_shadow(name: str, *, feature_dim: int, image_shape: tuple[int, int, int], width: int,
                  lr: float, steps: int, device: torch.device, seed: int) -> Shadow:
-    try:
-        factory = SHADOWS[name]
-    except KeyError:
-        raise KeyError(f"unknown shadow {name!r}; choose from {sorted(SHADOWS)} or 'none'") from None
-    return factory(feature_dim=feature_dim, image_shape=image_shape, width=width, lr=lr, steps=steps,
+    return SHADOWS.lookup(name)(feature_dim=feature_dim, image_shape=image_shape, width=width, lr=lr, steps=steps,
                    device=device, seed=seed)
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from gradguard.eval.attacks.labels import recover_labels
 from gradguard.eval.attacks.observation import Observation, observe
+from gradguard.registry import Registry
 from gradguard.update import ProtectedUpdate
 
 
@@ -124,23 +125,18 @@ class Attack(ABC):
         return tqdm(range(self.config.iterations), desc=desc, disable=not self.config.progress, leave=False)
 
 
-ATTACKS: dict[str, type[Attack]] = {}
+ATTACKS: Registry[type[Attack]] = Registry("attack")
 AttackT = TypeVar("AttackT", bound=type[Attack])
 
 
 def register_attack(cls: AttackT) -> AttackT:
     """Class decorator: make ``cls`` available to :func:`build_attack` under ``cls.name``."""
-    if cls.name in ATTACKS:
-        raise ValueError(f"an attack named {cls.name!r} is already registered ({ATTACKS[cls.name].__name__})")
-    ATTACKS[cls.name] = cls
-    return cls
+    return ATTACKS.add(cls.name, cls)
 
 
 def build_attack(name: str, **kwargs: object) -> Attack:
     """The attack registered as ``name``; ``kwargs`` are ``config=`` and/or config field overrides."""
-    if name not in ATTACKS:
-        raise KeyError(f"unknown attack {name!r}; registered: {sorted(ATTACKS)}")
-    return ATTACKS[name](**kwargs)
+    return ATTACKS.lookup(name)(**kwargs)
 
 
 def random_images(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:

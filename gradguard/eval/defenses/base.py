@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradguard.eval.attacks.observation import MODEL_MODE_KEY
+from gradguard.registry import Registry
 from gradguard.update import ProtectedUpdate, UpdateKind, snapshot, weight_delta
 
 Batch = tuple[Tensor, Tensor]
@@ -158,24 +159,20 @@ class Defense(ABC):
         return None
 
 
-DEFENSES: dict[str, type[Defense]] = {}
+DEFENSES: Registry[type[Defense]] = Registry("defense")
 DefenseT = TypeVar("DefenseT", bound=type[Defense])
 
 
 def register_defense(cls: DefenseT) -> DefenseT:
     """Class decorator: make ``cls`` available to :func:`build_defense` under ``cls.name``."""
-    if cls.name in DEFENSES:
-        raise ValueError(f"a defense named {cls.name!r} is already registered ({DEFENSES[cls.name].__name__})")
-    DEFENSES[cls.name] = cls
-    return cls
+    return DEFENSES.add(cls.name, cls)
 
 
 def build_defense(name: str, **params: Any) -> Defense:
     """The defense registered as ``name``, built with ``params``."""
-    if name not in DEFENSES:
-        raise KeyError(f"unknown defense {name!r}; registered: {sorted(DEFENSES)}")
+    defense = DEFENSES.lookup(name)
     try:
-        return DEFENSES[name](**params)
+        return defense(**params)
     except TypeError as err:
         raise TypeError(f"defense {name!r} does not accept {sorted(params)}: {err}") from err
 
