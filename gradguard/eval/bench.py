@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from gradguard.eval.adaptive import adaptive_variants
 from gradguard.eval.attacks import ATTACKS, build_attack
-from gradguard.eval.datasets import ImageSet, load_medmnist
+from gradguard.eval.datasets import DatasetError, ImageSet, load_medmnist
 from gradguard.eval.defenses import DEFENSES, GuardedDefense, build_defense
 from gradguard.eval.metrics import LPIPSMetric, leakage, pairwise_psnr, utility
 from gradguard.eval.models import SmallCNN, build_model
@@ -257,6 +257,10 @@ class Layout:
         return self.root / "run.json"
 
 
+class RunMismatchError(ValueError):
+    """The results directory holds a run with other settings; its cells cannot be reused."""
+
+
 def _check_run(layout: Layout, config: BenchConfig) -> None:
     """Refuse to mix cells of runs whose settings differ."""
     fingerprint = config.fingerprint()
@@ -264,7 +268,7 @@ def _check_run(layout: Layout, config: BenchConfig) -> None:
         stored = _read_json(layout.run)
         changed = sorted(k for k in fingerprint.keys() | stored.keys() if stored.get(k) != fingerprint.get(k))
         if changed:
-            raise ValueError(f"{layout.root} holds a benchmark run with other settings ({', '.join(changed)}: "
+            raise RunMismatchError(f"{layout.root} holds a benchmark run with other settings ({', '.join(changed)}: "
                              f"{ {k: stored.get(k) for k in changed} }); use another --out or the same settings")
     else:
         _write_json(layout.run, fingerprint)
@@ -567,7 +571,10 @@ def _main(args: argparse.Namespace) -> int:
         raise SystemExit(f"gradguard bench: {err}") from None
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    outcome = run_bench(config, args.out, report_dir=args.report_dir)
+    try:
+        outcome = run_bench(config, args.out, report_dir=args.report_dir)
+    except (DatasetError, RunMismatchError) as err:  # the message names the file or settings and the fix
+        raise SystemExit(f"gradguard bench: {err}") from None
     print(f"gradguard bench: {outcome.trained} training runs and {outcome.attacked} attack cells computed "
           f"in {time.perf_counter() - start:.0f} s; results in {outcome.results}")
     for path in outcome.files:
