@@ -1,4 +1,7 @@
 """Errors the guard raises; each message names the module and the fix."""
+from __future__ import annotations
+
+from torch import nn
 
 
 class GradGuardError(RuntimeError):
@@ -7,3 +10,11 @@ class GradGuardError(RuntimeError):
 
 class UnsupportedModelError(GradGuardError, ValueError):
     """The wrapped model has a layer or a shape the chosen mode cannot serve."""
+
+
+def last_layer(model: nn.Module, kind: type[nn.Module], *, needed_for: str, fix: str) -> tuple[str, nn.Module]:
+    """The last module of type ``kind`` in registration order, or an error saying why it is needed."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
+    if not found:
+        raise UnsupportedModelError(f"{type(model).__name__} has no nn.{kind.__name__}, {needed_for}; fix: {fix}")
+    return found[-1]

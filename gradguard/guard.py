@@ -26,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradguard import masks as mk
 from gradguard.config import GuardConfig
-from gradguard.errors import UnsupportedModelError
+from gradguard.errors import UnsupportedModelError, last_layer
 from gradguard.per_sample import HybridDP
 from gradguard.relevance import attribution, last_conv_layer
 from gradguard.shadow import Shadow, ShadowInputs, build_shadow
@@ -59,13 +59,9 @@ class _RoundState:
     batch_size: int = 0
 
 
-def final_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not found:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no nn.Linear layer, whose gradient is what the shadow inverts; "
-            "fix: end the model with an nn.Linear classifier, or set GuardConfig(shadow='none')")
-    return found[-1]
+def final_linear(model: nn.Module) -> tuple[str, nn.Module]:
+    return last_layer(model, nn.Linear, needed_for="whose gradient is what the shadow inverts",
+                      fix="end the model with an nn.Linear classifier, or set GuardConfig(shadow='none')")
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradguard.errors import UnsupportedModelError
+from gradguard.errors import last_layer
 from gradguard.registry import Registry
 
 RelevanceFn = Callable[[nn.Module, nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -20,12 +20,8 @@ def register_relevance(name: str) -> Callable[[RelevanceFn], RelevanceFn]:
 
 def last_conv_layer(model: nn.Module) -> tuple[str, nn.Module]:
     """The last Conv2d in registration order: the layer Grad-CAM reads."""
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if not found:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no nn.Conv2d, so Grad-CAM has no layer to read; "
-            "fix: use relevance_method='saliency' or 'integrated_gradients', or 'none'")
-    return found[-1]
+    return last_layer(model, nn.Conv2d, needed_for="so Grad-CAM has no layer to read",
+                      fix="use relevance_method='saliency' or 'integrated_gradients', or 'none'")
 
 
 def _to_pixels(attribution: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
