@@ -53,7 +53,7 @@ class _RoundState:
     """What one round of local training accumulates (reset by protected_update)."""
 
     global_weights: dict[str, torch.Tensor] | None = None
-    global_model: nn.Module | None = None
+    global_loaded: bool = False  # the round's global weights are in the hook-free copy
     steps: int = 0
     seen: set[str] = field(default_factory=set)
     batch_size: int = 0
@@ -219,10 +219,10 @@ class GradGuard:
                                     high=cfg.relevance_weight_max))
 
     def _global_model(self) -> nn.Module:
-        if self._state.global_model is None:
+        if not self._state.global_loaded:
             self._global_copy.load_state_dict(self._model.state_dict())
-            self._state.global_model = self._global_copy
-        return self._state.global_model
+            self._state.global_loaded = True
+        return self._global_copy
 
     def _maps(self, images: torch.Tensor, ids: list[str], labels: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -300,11 +300,11 @@ class GradGuard:
             raise RuntimeError("wrap() a model first")
         images = images.to(self._device)
         ids = [mk.sample_id(x) for x in images]
-        created = self._state.global_model is None
+        created = not self._state.global_loaded
         vulnerability, relevance, targets = self._maps(images, ids, labels)
         mask = self._mask(vulnerability, relevance)
         if created:
-            self._state.global_model = None  # explain() must not pin this round's global model
+            self._state.global_loaded = False  # explain() must not pin this round's global model
         return MaskExplanation(vulnerability.cpu(), relevance.cpu(), mask.cpu(),
                                self.noised(images, mask).detach().cpu(), targets.cpu())
 
