@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gradguard.cli import main
-from gradguard.eval.adaptive import adaptive_variants, denoise, noise_sigma
+from gradguard.eval.adaptive import adaptive_variants, calibrate, denoise, noise_sigma
 from gradguard.eval.bench import BenchConfig, Spec, attacked_clients, fedavg, mode_config, run_bench
 from gradguard.eval.datasets import data_dir
 from gradguard.eval.metrics import psnr
@@ -53,7 +53,7 @@ def test_smoke_run_writes_every_output_with_the_documented_schema(smoke):
         (d, r, c) for d in defenses for r in rounds for c in ("client9", "client2")}
     for cell in cells:
         assert CELL_KEYS <= cell.keys() and UTILITY_KEYS <= cell["utility"].keys()
-        assert set(cell["variants"]) == {"plain", "tv", "nlm"}
+        assert set(cell["variants"]) == {"plain", "tv", "nlm", "plain+calibrated", "tv+calibrated", "nlm+calibrated"}
         # The stronger of plain and adaptive counts; best-match PSNR bounds one-to-one PSNR.
         assert cell["psnr_best"] == max(v["psnr_best"] for v in cell["variants"].values())
         assert cell["psnr_best"] >= cell["psnr_strict"] - 1e-6
@@ -130,6 +130,21 @@ def test_the_adaptive_attacker_removes_noise_it_estimates_blindly():
         assert (psnr(variants[name], clean) > psnr(noisy, clean) + 3).all(), name
     rgb = noisy.repeat(1, 3, 1, 1)
     assert denoise(rgb, "tv").shape == rgb.shape
+
+
+def test_calibration_restores_the_brightness_and_contrast_an_update_hides():
+    gen = torch.Generator().manual_seed(1)
+    prior = 0.3 + 0.4 * torch.rand(16, 1, 32, 32, generator=gen)  # mean 0.5, std about 0.115
+    truth = prior[:2]
+    # What an attack behind BatchNorm recovers: the structure, at another offset and gain.
+    recovered = (0.2 * (truth - 0.5) + 0.8).clamp(0, 1)
+    fixed = calibrate(recovered, prior)
+    assert (psnr(fixed, truth) > psnr(recovered, truth) + 10).all()
+    assert fixed.mean().item() == pytest.approx(0.5, abs=0.01)
+    variants = adaptive_variants(recovered, prior)
+    assert {"plain", "tv", "nlm", "plain+calibrated", "tv+calibrated", "nlm+calibrated"} == set(variants)
+    with pytest.raises(ValueError, match="equal C"):
+        calibrate(recovered, prior.repeat(1, 3, 1, 1))
 
 
 def test_matched_f1_verdicts():

@@ -141,6 +141,24 @@ def test_soteria_zeroes_only_the_pruned_columns_of_the_final_layer():
             torch.testing.assert_close(defended[name], clean[name])
 
 
+def test_soteria_rescores_every_nth_step_and_prunes_the_same_features_between(monkeypatch):
+    import gradguard.eval.defenses.soteria as soteria
+    calls = []
+    real = soteria.feature_scores
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(soteria, "feature_scores", counted)
+    model, batches = _model(), _batches(n=5)
+    build_defense("soteria", prune_fraction=0.5, score_every=2).local_update(model, batches, lr=0.05, **ROUND)
+    assert len(calls) == 3  # steps 0, 2 and 4
+    build_defense("soteria", prune_fraction=0.5, score_every=5).local_update(model, batches[:2], lr=0.05, **ROUND)
+    assert len(calls) == 4  # a round's first step is always scored
+    with pytest.raises(ValueError, match="score_every"):
+        build_defense("soteria", score_every=0)
+
+
 def test_dpsgd_clips_each_samples_gradient_in_eval_mode():
     model, batches = _model(), _batches(n=1)
     images, labels = batches[0]

@@ -5,6 +5,11 @@ feature f by sum_i ||d r_if / d x_i|| / r_if over the batch: a small score means
 little with the input per unit of value, so the Linear weight gradient's column f (which equals
 dL/dy * r_f) reveals the input most cheaply. The ``prune_fraction`` of features with the
 smallest scores have their column of the Linear weight gradient zeroed, at every local step.
+
+Scoring costs one vector-Jacobian product per feature (hundreds of backward passes per step),
+so ``score_every`` > 1 rescores only every n-th local step of a round and prunes the same
+features in between; the first step of every round (a single-step client's whole update) is
+always scored on its own batch.
 """
 from __future__ import annotations
 
@@ -54,25 +59,30 @@ def feature_scores(model: nn.Module, layer: nn.Linear, images: Tensor, *, chunk:
 @register_defense
 class Soteria(Defense):
     """Zeroes the final Linear layer's weight-gradient columns of the ``prune_fraction`` most
-    revealing representation features, recomputed on each local batch."""
+    revealing representation features, rescored every ``score_every`` local batches (default: each)."""
 
     name = "soteria"
 
-    def __init__(self, *, prune_fraction: float = 0.6, share: UpdateKind = "delta"):
+    def __init__(self, *, prune_fraction: float = 0.6, score_every: int = 1, share: UpdateKind = "delta"):
         if not 0 <= prune_fraction <= 1:
             raise ValueError(f"prune_fraction must lie in [0, 1], got {prune_fraction}")
-        super().__init__(share=share, prune_fraction=prune_fraction)
+        if score_every < 1:
+            raise ValueError(f"score_every must be >= 1, got {score_every}")
+        super().__init__(share=share, prune_fraction=prune_fraction, score_every=score_every)
         self.prune_fraction = prune_fraction
+        self.score_every = score_every
 
     def _train(self, model: nn.Module, batches: list[Batch], context: LocalRound) -> dict[str, Tensor]:
         _, layer = final_linear(model)
         before = snapshot(model)
+        pruned: Tensor | None = None
 
-        def perturb(_step: int, images: Tensor, _targets: Tensor) -> None:
-            scores = feature_scores(model, layer, images)
-            count = round(self.prune_fraction * len(scores))
-            if count and layer.weight.grad is not None:
-                pruned = scores.argsort()[:count]
+        def perturb(step: int, images: Tensor, _targets: Tensor) -> None:
+            nonlocal pruned
+            if pruned is None or step % self.score_every == 0:
+                scores = feature_scores(model, layer, images)
+                pruned = scores.argsort()[:round(self.prune_fraction * len(scores))]
+            if len(pruned) and layer.weight.grad is not None:
                 layer.weight.grad[:, pruned] = 0
 
         local_sgd(model, batches, lr=context.lr, after_backward=perturb)
