@@ -47,7 +47,7 @@ def test_noise_only_in_training_forward(chest_batch):
     images, _ = chest_batch
     model = SmallCNN(1, 2, width=8)
     reference = copy.deepcopy(model)
-    guard = GradGuard(GuardConfig(noise_amplitude=0.3))
+    guard = GradGuard(GuardConfig(noise_amplitude=0.3, noise_kind="gaussian", seed=0))
     model, _ = guard.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
     model.eval(), reference.eval()
     torch.testing.assert_close(model(images[:4]), reference(images[:4]))

@@ -62,8 +62,13 @@ def test_smoke_run_writes_every_output_with_the_documented_schema(smoke):
     summary = {s["defense"]: s for s in results["defenses"]}
     assert summary.keys() == set(defenses)
     assert all(0 <= s["micro_f1_mean"] <= 1 and s["captures"] == 4 for s in summary.values())
+    for s in summary.values():  # two clients with two captures each: the overall mean is the mean of theirs
+        by_client = s["leakage_by_client"]
+        assert set(by_client) == {"client9", "client2"}
+        assert s["leakage"]["psnr_best"] == pytest.approx(np.mean([c["psnr_best"] for c in by_client.values()]))
     table = (smoke / "table_pneumoniamnist.md").read_text()
     assert all(f"| {d} |" in table for d in defenses) and "Goals: gradguard" in table
+    assert "| goal | every captured update | client2's updates | client9's updates |" in table
     figures = sorted(p.name for p in (smoke / "figures").iterdir())
     assert "privacy_utility_pneumoniamnist.png" in figures
     assert sum(name.startswith("grid_pneumoniamnist_inverting_gradients") for name in figures) == len(rounds)
