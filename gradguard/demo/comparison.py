@@ -41,8 +41,11 @@ class Outcome:
 
 def compare_defenses(defenses: dict[str, tuple[str, Defense]], *, model: nn.Module, image: Tensor, label: Tensor,
                      num_classes: int, attack: Attack, round: int, total_rounds: int, client_id: str,
-                     lpips_metric: LPIPSMetric | None) -> list[Outcome]:
-    """Attack ``image``'s update under each of ``defenses`` ({name: (report label, defense)})."""
+                     lpips_metric: LPIPSMetric | None, prior: Tensor | None = None) -> list[Outcome]:
+    """Attack ``image``'s update under each of ``defenses`` ({name: (report label, defense)}).
+
+    ``prior``: images of the same kind held by the attacker; the adaptive attacker then also
+    restores brightness and contrast (:func:`gradguard.eval.adaptive.calibrate`)."""
     image, label = image[None].cpu(), label.reshape(1).cpu()
     outcomes = []
     for name, (text, defense) in defenses.items():
@@ -50,7 +53,7 @@ def compare_defenses(defenses: dict[str, tuple[str, Defense]], *, model: nn.Modu
                                       client_id=client_id)
         result = attack.reconstruct(model=model, update=update, image_shape=tuple(image.shape[1:]),
                                     num_classes=num_classes, labels=label)
-        variants = adaptive_variants(result.images)
+        variants = adaptive_variants(result.images, prior)
         variant = max(variants, key=lambda v: psnr(variants[v], image).item())
         chosen = variants[variant]
         outcomes.append(Outcome(

@@ -127,7 +127,9 @@ def run_demo(config: DemoConfig, out: Path, *, echo: Echo = print) -> tuple[Demo
         outcomes = compare_defenses(_defenses(config, client), model=model, image=figure_images[0],
                                     label=figure_labels[0], num_classes=data.train.num_classes, attack=attack,
                                     round=config.rounds, total_rounds=config.rounds, client_id=client.client_id,
-                                    lpips_metric=lpips_metric)
+                                    lpips_metric=lpips_metric,
+                                    # The test split stands in for the attacker's own data: no client holds it.
+                                    prior=data.test.images if data.test is not None else None)
 
     with stage("report", f"writing the report into {out}/"):
         result = DemoResult(config=config, data_source=data.source, fallback_reason=data.fallback_reason,

@@ -1,4 +1,4 @@
-"""The benchmark harness: the smoke mode end to end through the CLI (schema, report files, a
+"""The benchmark harness: the quick mode end to end through the CLI (schema, report files, a
 leakage ordering that a broken pipeline would violate), resume without recomputation, and the
 pieces that decide what is attacked and how it is scored."""
 from __future__ import annotations
@@ -25,14 +25,18 @@ CELL_KEYS = {"dataset", "defense", "defense_name", "defense_params", "attack", "
 UTILITY_KEYS = {"accuracy_mean", "micro_f1_mean", "macro_f1_mean", "epsilon", "seconds", "collapsed_runs"}
 
 
+# The issue asks that ``--quick`` (under 10 minutes on 2 CPU cores) is run by a test: this is it.
+MODE = "quick"
+
+
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def quick(tmp_path_factory):
     assert (data_dir() / "pneumoniamnist.npz").is_file(), \
         f"{data_dir()} lacks pneumoniamnist.npz: set GRADGUARD_SHARED to the shared assets folder"
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
     try:
-        assert main(["bench", "--smoke", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+        assert main(["bench", f"--{MODE}", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
     finally:
         torch.set_num_threads(threads)  # the CLI sets its own thread count
     return out
@@ -42,11 +46,11 @@ def _results(out):
     return json.loads((out / "results.json").read_text())
 
 
-def test_smoke_run_writes_every_output_with_the_documented_schema(smoke):
-    results = _results(smoke)
-    config = mode_config("smoke")
+def test_quick_run_writes_every_output_with_the_documented_schema(quick):
+    results = _results(quick)
+    config = mode_config(MODE)
     rounds, defenses = config.rounds_attacked, [d.label for d in config.defenses]
-    assert rounds == (1, 2)
+    assert rounds == (1, 3, 6)
     assert results["computed"] == {"train_runs": len(defenses), "attack_cells": len(defenses) * len(rounds) * 2}
     cells = results["cells"]
     assert {(c["defense"], c["round"], c["client"]) for c in cells} == {
@@ -58,36 +62,36 @@ def test_smoke_run_writes_every_output_with_the_documented_schema(smoke):
         assert cell["psnr_best"] == max(v["psnr_best"] for v in cell["variants"].values())
         assert cell["psnr_best"] >= cell["psnr_strict"] - 1e-6
         assert cell["client_batch_size"] == (1 if cell["client"] == "client9" else 3)
-        assert (smoke / cell["images"]).is_file()
+        assert (quick / cell["images"]).is_file()
     summary = {s["defense"]: s for s in results["defenses"]}
     assert summary.keys() == set(defenses)
-    assert all(0 <= s["micro_f1_mean"] <= 1 and s["captures"] == 4 for s in summary.values())
-    for s in summary.values():  # two clients with two captures each: the overall mean is the mean of theirs
+    assert all(0 <= s["micro_f1_mean"] <= 1 and s["captures"] == 6 for s in summary.values())
+    for s in summary.values():  # two clients with three captures each: the overall mean is the mean of theirs
         by_client = s["leakage_by_client"]
         assert set(by_client) == {"client9", "client2"}
         assert s["leakage"]["psnr_best"] == pytest.approx(np.mean([c["psnr_best"] for c in by_client.values()]))
-    table = (smoke / "table_pneumoniamnist.md").read_text()
+    table = (quick / "table_pneumoniamnist.md").read_text()
     assert all(f"| {d} |" in table for d in defenses) and "Goals: gradguard" in table
     assert "| goal | every captured update | client2's updates | client9's updates |" in table
-    figures = sorted(p.name for p in (smoke / "figures").iterdir())
+    figures = sorted(p.name for p in (quick / "figures").iterdir())
     assert "privacy_utility_pneumoniamnist.png" in figures
     assert sum(name.startswith("grid_pneumoniamnist_inverting_gradients") for name in figures) == len(rounds)
 
 
-def test_no_defense_leaks_more_than_strong_update_noise(smoke):
-    summary = {s["defense"]: s for s in _results(smoke)["defenses"]}
+def test_no_defense_leaks_more_than_strong_update_noise(quick):
+    summary = {s["defense"]: s for s in _results(quick)["defenses"]}
     assert summary["none"]["leakage"]["psnr_best"] > summary["gaussian(sigma0=1.0)"]["leakage"]["psnr_best"] + 1.0
 
 
-def test_a_second_invocation_resumes_without_recomputing(smoke):
-    cell_files = sorted((smoke / "cells").rglob("*.json"))
+def test_a_second_invocation_resumes_without_recomputing(quick):
+    cell_files = sorted((quick / "cells").rglob("*.json"))
     stamps = [p.stat().st_mtime_ns for p in cell_files]
-    outcome = run_bench(dataclasses.replace(mode_config("smoke"), progress=False), smoke)
+    outcome = run_bench(dataclasses.replace(mode_config(MODE), progress=False), quick)
     assert (outcome.trained, outcome.attacked) == (0, 0)
     assert [p.stat().st_mtime_ns for p in cell_files] == stamps
-    assert _results(smoke)["computed"] == {"train_runs": 0, "attack_cells": 0}
+    assert _results(quick)["computed"] == {"train_runs": 0, "attack_cells": 0}
     with pytest.raises(ValueError, match="other settings.*rounds"):
-        run_bench(dataclasses.replace(mode_config("smoke"), rounds=3, progress=False), smoke)
+        run_bench(dataclasses.replace(mode_config(MODE), rounds=3, progress=False), quick)
 
 
 def test_fedavg_adds_the_sample_weighted_mean_delta_and_keeps_integer_buffers():
