@@ -186,7 +186,8 @@ def markdown_table(dataset: str, summaries: list[dict[str, Any]], config: dict[s
         f"# {dataset}: leakage and utility per defense setting", "",
         f"Model {config['model']}" + (f" (width {config['width']})" if config["model"] == "smallcnn" else "")
         + f", {config['image_size']} px, 9-client layout at scale {config['scale']} ({config['distribution']}), "
-        f"{config['rounds']} FedAvg rounds at lr {config['lr']}, seeds {list(config['seeds'])}. "
+        f"{config['rounds']} FedAvg rounds at lr {config['lr']} ({config.get('lr_schedule', 'constant')}), "
+        f"seeds {list(config['seeds'])}. "
         f"Attacks: {', '.join(config['attacks'])}; rounds attacked {config['capture_rounds']}.", "",
         "Leakage: for each captured update the strongest attack (plain or adaptively denoised, whichever has "
         "the higher PSNR), averaged over the captured updates; *best* = best match over the client's images "
@@ -294,7 +295,7 @@ def privacy_utility_plot(dataset: str, summaries: list[dict[str, Any]], path: Pa
         if floor is not None:
             ax.axhline(floor["psnr_best"], color="grey", linestyle="--", linewidth=1,
                        label="attacker's mean image (no update)")
-            ax.legend(loc="lower left", fontsize=7)
+            ax.legend(loc="best", fontsize=7)
         ax.set_xlabel(f"{metric.replace('_', '-')} (points, mean ± sd over seeds)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("attack PSNR, best protocol (dB; lower is more private)")
