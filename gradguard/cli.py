@@ -37,6 +37,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
+    args.argv = argv  # what the user typed, for outputs that record the command that made them
     return int(args.func(args) or 0)
 
 

@@ -24,6 +24,7 @@ import inspect
 import json
 import math
 import os
+import shlex
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -535,7 +536,8 @@ class _Runner:
         return records
 
 
-def run_bench(config: BenchConfig, out: str | Path, *, report_dir: str | Path | None = None) -> BenchOutcome:
+def run_bench(config: BenchConfig, out: str | Path, *, report_dir: str | Path | None = None,
+              command: str | None = None) -> BenchOutcome:
     """Run (or resume) the benchmark with its cache in ``out``; write results.json, tables and
     figures to ``report_dir`` (default ``out``)."""
     layout = Layout(Path(out))
@@ -554,7 +556,7 @@ def run_bench(config: BenchConfig, out: str | Path, *, report_dir: str | Path | 
             for defense in config.defenses:
                 runs += runner.runs(data, defense, targets[name])
                 cells += runner.cells(data, defense, targets[name])
-    results = {"config": config.to_dict(), "fingerprint": config.fingerprint(),
+    results = {"command": command, "config": config.to_dict(), "fingerprint": config.fingerprint(),
                "computed": {"train_runs": runner.trained, "attack_cells": runner.attacked},
                "runs": runs, "cells": cells}
     report_root = Path(report_dir) if report_dir is not None else layout.root
@@ -603,7 +605,8 @@ def _main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
-        outcome = run_bench(config, args.out, report_dir=args.report_dir)
+        outcome = run_bench(config, args.out, report_dir=args.report_dir,
+                            command="gradguard " + shlex.join(getattr(args, "argv", ["bench"])))
     except (DatasetError, RunMismatchError) as err:  # the message names the file or settings and the fix
         raise SystemExit(f"gradguard bench: {err}") from None
     print(f"gradguard bench: {outcome.trained} training runs and {outcome.attacked} attack cells computed "

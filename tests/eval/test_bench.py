@@ -51,6 +51,7 @@ def test_quick_run_writes_every_output_with_the_documented_schema(quick):
     config = mode_config(MODE)
     rounds, defenses = config.rounds_attacked, [d.label for d in config.defenses]
     assert rounds == (1, 3, 6)
+    assert results["command"].startswith("gradguard bench --quick --out")
     assert results["computed"] == {"train_runs": len(defenses), "attack_cells": len(defenses) * len(rounds) * 2}
     cells = results["cells"]
     assert {(c["defense"], c["round"], c["client"]) for c in cells} == {
