@@ -190,7 +190,8 @@ class BenchConfig:
                 "distribution": self.distribution,
                 "alpha": self.alpha if self.distribution == "dirichlet" else None,
                 "rounds": self.rounds, "lr": self.lr,
-                "lr_schedule": self.lr_schedule if self.lr_schedule != "constant" else None, "capture_rounds": list(self.rounds_attacked),
+                "lr_schedule": self.lr_schedule if self.lr_schedule != "constant" else None,
+                "capture_rounds": list(self.rounds_attacked),
                 "clients": list(self.clients) if self.clients else None, "attack_seed": self.seeds[0]}
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,7 +233,8 @@ def mode_config(mode: Mode) -> BenchConfig:
     if mode == "quick":
         return BenchConfig()
     if mode == "smoke":
-        return BenchConfig(rounds=2, lr=0.05, lr_schedule="constant", defenses=_specs("none", "gradguard", "gaussian:sigma0=1.0"),
+        return BenchConfig(rounds=2, lr=0.05, lr_schedule="constant",
+                           defenses=_specs("none", "gradguard", "gaussian:sigma0=1.0"),
                            attacks=_specs("inverting_gradients:iterations=200,restarts=1"))
     if mode == "full":
         return BenchConfig(datasets=("pneumoniamnist", "retinamnist"), scale=0.5, rounds=20, lr=0.02,

@@ -95,6 +95,21 @@ def test_a_second_invocation_resumes_without_recomputing(quick):
         run_bench(dataclasses.replace(mode_config(MODE), rounds=3, progress=False), quick)
 
 
+def test_full_mode_and_its_gpu_size_and_the_cosine_schedule():
+    from gradguard.cli import build_parser
+    from gradguard.eval.bench import config_from_args
+
+    def parse(*argv):
+        return config_from_args(build_parser(["bench", *argv]).parse_args(["bench", *argv, "--device", "cpu"]))
+    full, large = parse("--full"), parse("--full", "--large", "--seeds", "1")
+    assert (full.model, full.image_size, full.seeds, len(full.defenses)) == ("smallcnn", 32, (0, 1, 2), 17)
+    assert (large.model, large.image_size, large.rounds, large.seeds) == ("resnet18", 64, 40, (0,))
+    assert large.defenses == full.defenses and {a.name for a in large.attacks} == {"inverting_gradients", "dlg",
+                                                                                  "bn_fedavg", "learned_decoder"}
+    assert full.round_lr(1) == full.lr and full.round_lr(full.rounds + 1) == pytest.approx(0.0, abs=1e-12)
+    assert full.round_lr(full.rounds // 2 + 1) == pytest.approx(full.lr / 2)
+
+
 def test_fedavg_adds_the_sample_weighted_mean_delta_and_keeps_integer_buffers():
     base = {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor(7)}
     updates = [ProtectedUpdate(tensors={"w": torch.tensor([1.0, 0.0])}, kind="delta", num_samples=1, num_steps=1, round=1),
