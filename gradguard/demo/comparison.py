@@ -4,7 +4,7 @@ Fairness: every defense protects the same image (batch 1, one local step, the sa
 model and learning rate), and the same Inverting Gradients attack (settings, seed, the true
 label given) attacks each update. The defenses come from :mod:`gradguard.eval.defenses`, so the
 demo measures what the benchmark measures; as there, each reconstruction is scored plain and
-after the adaptive attacker's denoising (:mod:`gradguard.eval.adaptive`), and the stronger
+in each of the adaptive attacker's variants (:mod:`gradguard.eval.adaptive`), and the strongest
 (higher PSNR) counts.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Outcome:
     defense: str
     label: str  # how the report names the defense and its setting
     reconstruction: Tensor  # [1, C, H, W] in [0, 1]: the variant that was scored
-    variant: str  # "plain", or the adaptive attacker's denoiser that gave the higher PSNR
+    variant: str  # "plain", or the adaptive variant ("tv", "nlm+calibrated", ...) with the highest PSNR
     psnr: float
     ssim: float
     lpips: float | None  # None when LPIPS could not be loaded

@@ -20,8 +20,9 @@ from gradguard.transport.codec import write_tensors
 MASK_FIGURE = "masks.png"
 RECONSTRUCTION_FIGURE = "reconstructions.png"
 COLUMNS = ("defense", "PSNR (dB) ↓", "SSIM ↓", "LPIPS ↑", "scored", "(ε, δ)")
-SCORING = ("Each reconstruction is scored plain and after the adaptive attacker's blind denoising (tv: total "
-           "variation, nlm: non-local means); the stronger (higher PSNR) counts, as in `make bench`.")
+SCORING = ("Each reconstruction is scored plain, after the adaptive attacker's blind denoising (tv: total "
+           "variation, nlm: non-local means) and with each calibrated to the test split's brightness and contrast "
+           "(+calibrated); the strongest (highest PSNR) counts, as in `make bench`.")
 
 
 @dataclass

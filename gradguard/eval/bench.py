@@ -8,7 +8,8 @@ For every dataset and defense setting:
    the global model of that round and the client's images: what an attacker sees, plus the truth
    to score it. The final global model is scored on the test split.
 2. **attack**: every configured attack on every captured update, by registry name; each
-   reconstruction is scored plain and after the adaptive attacker's denoising, and the stronger
+   reconstruction is scored in each of the adaptive attacker's variants (denoised, intensity-
+   calibrated; :mod:`gradguard.eval.adaptive`), and the strongest
    (higher PSNR) counts.
 3. **report**: ``results.json``, a Markdown table per dataset, image grids and a privacy-utility
    plot (:mod:`gradguard.eval.report`).

@@ -189,8 +189,8 @@ def markdown_table(dataset: str, summaries: list[dict[str, Any]], config: dict[s
         f"{config['rounds']} FedAvg rounds at lr {config['lr']} ({config.get('lr_schedule', 'constant')}), "
         f"seeds {list(config['seeds'])}. "
         f"Attacks: {', '.join(config['attacks'])}; rounds attacked {config['capture_rounds']}.", "",
-        "Leakage: for each captured update the strongest attack (plain or adaptively denoised, whichever has "
-        "the higher PSNR), averaged over the captured updates; *best* = best match over the client's images "
+        "Leakage: for each captured update the strongest attack (plain or an adaptive variant: denoised and/or "
+        "intensity-calibrated, whichever has the higher PSNR), averaged over the captured updates; *best* = best match over the client's images "
         "(the paper's protocol), *strict* = one-to-one matching. Differences (in brackets) are to no defense; "
         "LPIPS as a ratio. F1 and accuracy in points, mean ± sd over seeds. *collapsed*: runs (of all seeds) "
         f"whose model predicts about one class (majority-class accuracy {100 * rows[0]['majority_accuracy']:.1f}).",
