@@ -138,7 +138,7 @@ class BenchConfig:
     seeds: tuple[int, ...] = (0,)
     defenses: tuple[Spec, ...] = _specs(
         "none", "gradguard", "shadowdef", "untargeted", "relevance_only", "shadow_only",
-        "dpsgd:noise_multiplier=1.0", "gaussian:sigma0=0.1", "gaussian:sigma0=1.0", "pruning:fraction=0.9",
+        "dpsgd:noise_multiplier=0.5,max_grad_norm=5", "gaussian:sigma0=0.1", "gaussian:sigma0=1.0", "pruning:fraction=0.9",
         "soteria:score_every=8")
     attacks: tuple[Spec, ...] = _specs("inverting_gradients:iterations=300,restarts=1")
     device: str = "cpu"
@@ -204,13 +204,15 @@ class BenchConfig:
 
 
 # GradGuard and its equal-energy untargeted ablation at three amplitudes each (the default is
-# 0.3), so every defense can be compared with one of them at matched F1.
+# 0.3), so every defense can be compared with one of them at matched F1. DP-SGD clips at C=5:
+# the median per-sample gradient norm of the (GroupNorm) SmallCNN at initialisation is 6.7 on
+# PneumoniaMNIST and 9.7 on RetinaMNIST, and at C=1 training collapsed even without noise.
 _ALL_DEFENSES_FULL = _specs(
     "none", "gradguard", "gradguard:noise_amplitude=0.15", "gradguard:noise_amplitude=0.5",
     "untargeted", "untargeted:noise_amplitude=0.15", "untargeted:noise_amplitude=0.5", "relevance_only",
-    "shadow_only", "dpsgd:noise_multiplier=0.5", "dpsgd:noise_multiplier=1.0", "gaussian:sigma0=0.1",
-    "gaussian:sigma0=0.5", "pruning:fraction=0.5", "pruning:fraction=0.9", "soteria:score_every=8",
-    "shadowdef")
+    "shadow_only", "dpsgd:noise_multiplier=0.1,max_grad_norm=5", "dpsgd:noise_multiplier=0.5,max_grad_norm=5",
+    "gaussian:sigma0=0.1", "gaussian:sigma0=0.5", "pruning:fraction=0.5", "pruning:fraction=0.9",
+    "soteria:score_every=8", "shadowdef")
 # DLG (L-BFGS, about 15 s a cell at 30 steps) never beat another attack on a captured update in
 # a trial run, so the CPU-sized full mode leaves it out; ``--large`` runs every attack.
 _FULL_ATTACKS = _specs("inverting_gradients:iterations=500,restarts=1",
@@ -226,7 +228,7 @@ def mode_config(mode: Mode) -> BenchConfig:
         one seed, IG 300 steps; under 10 minutes on 2 CPU cores. With so little data and one
         seed, utility is indicative only (other seeds collapse even without a defense).
     full: both datasets, 17 defense settings, three attacks (IG, BN-aware, learned), SmallCNN at 32 px, half the
-        layout (681 training images), 20 rounds with a cosine learning rate, 3 seeds. Sized for
+        layout (681 training images), 20 rounds with a cosine learning rate, 5 seeds. Sized for
         2 CPU cores (one process per dataset; RESULTS.md gives the run time). ``--large`` runs
         the same protocol at the GPU size: ResNet-18 at 64 px, 0.75 of the layout, 40 rounds
         and every attack at its full-size defaults.
@@ -239,7 +241,7 @@ def mode_config(mode: Mode) -> BenchConfig:
                            attacks=_specs("inverting_gradients:iterations=200,restarts=1"))
     if mode == "full":
         return BenchConfig(datasets=("pneumoniamnist", "retinamnist"), scale=0.5, rounds=20, lr=0.02,
-                           lr_schedule="cosine", seeds=(0, 1, 2), defenses=_ALL_DEFENSES_FULL,
+                           lr_schedule="cosine", seeds=(0, 1, 2, 3, 4), defenses=_ALL_DEFENSES_FULL,
                            attacks=_FULL_ATTACKS)
     raise KeyError(f"unknown mode {mode!r}; choose smoke, quick or full")
 
@@ -329,11 +331,14 @@ class Data:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
 
 
-def _model(config: BenchConfig, data: Data) -> nn.Module:
+def _model(config: BenchConfig, data: Data, defense: Spec) -> nn.Module:
+    """The global model of ``defense``'s federation (the defense may swap layers it cannot train)."""
     channels, classes = data.train.channels, data.train.num_classes
     if config.model == "smallcnn":  # build_model has no width; the quick modes need a narrower CNN
-        return SmallCNN(channels, classes, width=config.width)
-    return build_model(config.model, in_channels=channels, num_classes=classes)
+        model = SmallCNN(channels, classes, width=config.width)
+    else:
+        model = build_model(config.model, in_channels=channels, num_classes=classes)
+    return DEFENSES[defense.name].prepare_model(model)
 
 
 def attacked_clients(config: BenchConfig, clients: Sequence[ClientSpec]) -> list[str]:
@@ -405,7 +410,7 @@ def train_run(config: BenchConfig, data: Data, spec: Spec, seed: int, layout: La
     round's global model and the clients' images (one file per round, written atomically)."""
     device = torch.device(config.device)
     torch.manual_seed(seed)
-    model = _model(config, data).to(device)
+    model = _model(config, data, spec).to(device)
     defense = _defense(spec, seed)
     clients = partition_clients(data.train.labels, scale=config.scale, distribution=config.distribution,
                                 alpha=config.alpha, seed=seed)
@@ -453,7 +458,7 @@ def attack_cell(config: BenchConfig, data: Data, defense: Spec, attack: Spec, ro
     ``data.prior``. The chosen reconstruction and, for each image, the client image it matches
     best are saved to ``images_path`` for the report's grids. ``mean_image`` scores the prior's
     mean image, the reference that needs no update."""
-    model = _model(config, data)
+    model = _model(config, data, defense)
     model.load_state_dict(capture["global"])
     update = ProtectedUpdate(**capture["updates"][client])
     originals = capture["images"][client]
@@ -627,7 +632,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     modes = parser.add_mutually_exclusive_group()
     for mode, text in (("smoke", "the test's plumbing check (about a minute)"),
                        ("quick", "every defense, small (the default; < 10 min on 2 CPU cores)"),
-                       ("full", "both datasets, 17 defense settings, 3 attacks, 3 seeds (about an hour per "
+                       ("full", "both datasets, 17 defense settings, 3 attacks, 5 seeds (about 80 minutes per "
                                 "dataset on a CPU core)")):
         modes.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode, help=text)
     parser.set_defaults(mode="quick", func=_main)

@@ -192,6 +192,26 @@ def test_dpsgd_noise_and_frozen_batchnorm_statistics():
     assert all(not clean[n].any() for n in clean if "running" in n)
 
 
+def test_dpsgd_federation_model_has_groupnorm_and_trains_like_sgd_without_noise_or_clipping():
+    from opacus.validators import ModuleValidator
+
+    bn_model = _model()
+    model = DPSGD.prepare_model(bn_model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert not ModuleValidator.validate(model, strict=False)
+    assert DPSGD.prepare_model(model) is model  # a model DP-SGD can train stays as it is
+    assert build_defense("none").prepare_model(bn_model) is bn_model
+    # With sigma = 0 and a clipping norm no gradient reaches, DP-SGD is plain SGD: the reference.
+    batches = _batches(n=3)
+    dp = build_defense("dpsgd", noise_multiplier=0.0, max_grad_norm=1e6).local_update(model, batches, lr=0.05,
+                                                                                     **ROUND)
+    sgd = build_defense("none").local_update(model, batches, lr=0.05, **ROUND)
+    assert dp.tensors.keys() == sgd.tensors.keys()
+    for name, value in sgd.tensors.items():
+        torch.testing.assert_close(dp.tensors[name], value, atol=1e-6, rtol=1e-4)
+
+
 def test_dpsgd_epsilon_equals_opacus_accountant_on_the_same_history():
     from opacus.accountants import RDPAccountant
 

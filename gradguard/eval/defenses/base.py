@@ -108,6 +108,15 @@ class Defense(ABC):
         args = ", ".join(f"{k}={v!r}" for k, v in self._params.items())
         return f"{type(self).__name__}({args})"
 
+    @classmethod
+    def prepare_model(cls, model: nn.Module) -> nn.Module:
+        """The global model a federation of this defense's clients trains, built from ``model``.
+
+        Unchanged by default; a defense whose training cannot run on some layers (DP-SGD and
+        BatchNorm) swaps them here, before the first round, so the whole federation and every
+        attacker use the same architecture."""
+        return model
+
     def local_update(self, model: nn.Module, batches: Sequence[Batch], *, lr: float, round: int,
                      total_rounds: int, client_id: str, sample_ids: Sequence[str] | None = None
                      ) -> ProtectedUpdate:

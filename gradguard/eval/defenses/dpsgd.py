@@ -1,12 +1,16 @@
 """DP-SGD through Opacus (Abadi et al. 2016): per-sample clipping, Gaussian noise, an RDP accountant.
 
 BatchNorm: per-sample gradients do not exist for batch statistics, and Opacus' GradSampleModule
-refuses BatchNorm layers. Rather than change the architecture (ModuleValidator.fix turns
-BatchNorm into GroupNorm, so DP would train a different model from every other defense), local
-training runs in eval mode: BatchNorm normalises with the global model's running statistics
-(frozen, and never updated from private data without noise) and keeps training its affine
-parameters. Per-sample gradients come from torch.func (vmap of grad); clipping, noise and
-accounting are Opacus' DPOptimizer and accountant. Updates say ``model_mode="eval"``.
+refuses BatchNorm layers. A federation whose clients all run DP-SGD therefore trains the model
+with BatchNorm replaced by GroupNorm (:meth:`DPSGD.prepare_model`, Opacus'
+``ModuleValidator.fix``), as Opacus recommends. Keeping BatchNorm and normalising with frozen
+running statistics does not work there: nobody updates those statistics, so they stay at their
+initial values and every benchmark run collapsed to the majority class, even without noise or
+clipping. A single DP step on a global model that was trained with BatchNorm elsewhere (the
+demo) still runs: local training is in eval mode, so BatchNorm uses the global model's running
+statistics and only its affine parameters train. Per-sample gradients come from torch.func (vmap
+of grad); clipping, noise and accounting are Opacus' DPOptimizer and accountant. Updates say
+``model_mode="eval"``.
 """
 from __future__ import annotations
 
@@ -64,6 +68,13 @@ class DPSGD(Defense):
         self._delta, self._accountant_kind = delta, accountant
         self._generator = torch.Generator().manual_seed(seed)
         self.accountants: dict = {}
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module) -> nn.Module:
+        """``model`` with every layer Opacus cannot clip per sample replaced (BatchNorm -> GroupNorm)."""
+        from opacus.validators import ModuleValidator
+
+        return ModuleValidator.fix(model) if ModuleValidator.validate(model, strict=False) else model
 
     @property
     def delta(self) -> float:
