@@ -87,7 +87,7 @@ def summarize(runs: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[d
         for metric in UTILITY:
             summary[f"{metric}_mean"], summary[f"{metric}_sd"] = _mean_sd([r[metric] for r in group])
         epsilons = [r["epsilon"] for r in group if r["epsilon"] is not None]
-        summary["epsilon"] = max(epsilons) if epsilons else None
+        summary["epsilon"] = max(epsilons) if epsilons and len(epsilons) == len(group) else None
         summary["delta"] = group[0]["delta"]
         summary["seconds"] = _mean_sd([r["seconds"] for r in group])[0]
         summary["collapsed_runs"] = sum(r["collapsed"] for r in group)
@@ -169,6 +169,13 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _epsilon(summary: dict[str, Any]) -> str:
+    """A DP setting's epsilon; a delta without an epsilon is a run without noise (no guarantee)."""
+    if summary["delta"] is not None and summary["epsilon"] is None:
+        return "∞"
+    return _fmt(summary["epsilon"])
+
+
 def _f1(summary: dict[str, Any], metric: str) -> str:
     mean, sd = summary[f"{metric}_mean"], summary[f"{metric}_sd"]
     return f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
@@ -215,7 +222,7 @@ def markdown_table(dataset: str, summaries: list[dict[str, Any]], config: dict[s
         f1 = _f1(s, "micro_f1") + _delta(100 * s["micro_f1_mean"], ref_f1, "+.1f")
         collapsed = f"**{s['collapsed_runs']}/{len(s['seeds'])}**" if s["collapsed_runs"] else "0"
         lines.append(f"| {s['defense']} | " + " | ".join(
-            [*cells, f1, _f1(s, "macro_f1"), _fmt(s["epsilon"]), f"{s['seconds']:.0f}", collapsed]) + " |")
+            [*cells, f1, _f1(s, "macro_f1"), _epsilon(s), f"{s['seconds']:.0f}", collapsed]) + " |")
     floor = next((s["mean_image"] for s in rows if s["mean_image"]), None)
     if floor is not None:
         lines.append("| *mean image (no update)* | " + " | ".join(

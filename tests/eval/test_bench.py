@@ -102,7 +102,7 @@ def test_full_mode_and_its_gpu_size_and_the_cosine_schedule():
     def parse(*argv):
         return config_from_args(build_parser(["bench", *argv]).parse_args(["bench", *argv, "--device", "cpu"]))
     full, large = parse("--full"), parse("--full", "--large", "--seeds", "1")
-    assert (full.model, full.image_size, full.seeds, len(full.defenses)) == ("smallcnn", 32, (0, 1, 2, 3, 4), 17)
+    assert (full.model, full.image_size, full.seeds, len(full.defenses)) == ("smallcnn", 32, (0, 1, 2, 3, 4), 18)
     assert (large.model, large.image_size, large.rounds, large.seeds) == ("resnet18", 64, 40, (0,))
     assert large.defenses == full.defenses and {a.name for a in large.attacks} == {"inverting_gradients", "dlg",
                                                                                   "bn_fedavg", "learned_decoder"}
@@ -183,3 +183,17 @@ def test_matched_f1_verdicts():
     assert "dominates" in matched_f1_verdict(ours, other(0.70, 16.0))
     assert "trade-off" in matched_f1_verdict(ours, other(0.70, 12.0))
     assert matched_f1_verdict(ours, other(0.80, 17.0, collapsed=1)) == "no verdict (collapsed runs); GradGuard leaks less"
+
+
+def test_dp_runs_without_noise_are_reported_as_unbounded_epsilon():
+    from gradguard.eval.report import _epsilon, summarize
+
+    run = {"dataset": "d", "defense": "dpsgd(noise_multiplier=0)", "defense_name": "dpsgd", "defense_params": {},
+           "seed": 0, "accuracy": 0.8, "micro_f1": 0.8, "macro_f1": 0.8, "delta": 1e-5, "seconds": 1.0,
+           "collapsed": False, "majority_accuracy": 0.6, "epsilon": None}
+    (summary,) = summarize([run, {**run, "seed": 1, "epsilon": 3.0}], [])
+    assert summary["epsilon"] is None and _epsilon(summary) == "∞"
+    (summary,) = summarize([{**run, "epsilon": 2.0}, {**run, "seed": 1, "epsilon": 3.0}], [])
+    assert _epsilon(summary) == "3.00"
+    (summary,) = summarize([{**run, "delta": None}], [])
+    assert _epsilon(summary) == "–"
