@@ -31,6 +31,10 @@ class GuardConfig:
         vulnerability_temperature: softmax temperature applied to the rank-equalised inverse
             shadow error (values in [0, 1]); lower means sharper. The paper uses 20 on raw values.
         relevance_method: captum attribution of the global model for the sample's class.
+        relevance_class: which class the attribution explains: "label" (the class given to
+            ``set_sample_ids``, the global model's prediction where none is given) or
+            "predicted" (always the prediction). A label-conditioned map makes where the noise
+            is weak depend on the label, a shortcut the model can learn (measured on RetinaMNIST).
         relevance_top_fraction: only the top fraction of relevance pixels count (paper: 0.3).
         relevance_temperature: kept pixels weigh exp((rank - 1) / T): with T = 1 every kept pixel
             weighs 0.74..1, so the diagnostic region is spared strongly (the paper's T = 20 on raw
@@ -79,6 +83,7 @@ class GuardConfig:
     mask_momentum: float = 0.1
     vulnerability_temperature: float = 0.25
     relevance_method: RelevanceMethod = "gradcam"
+    relevance_class: Literal["label", "predicted"] = "label"
     relevance_top_fraction: float = 0.3
     relevance_weight_min: float = 0.5
     relevance_weight_max: float = 0.9

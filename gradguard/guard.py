@@ -235,7 +235,8 @@ class GradGuard:
         try:
             with torch.no_grad():
                 logits = model(images)
-            targets = labels.to(images.device) if labels is not None else logits.argmax(dim=1)
+            use_label = labels is not None and cfg.relevance_class == "label"
+            targets = labels.to(images.device) if use_label else logits.argmax(dim=1)
             ones = torch.ones_like(images[:, :1])
             relevance = ones * 0.0
             if cfg.relevance_method != "none":

@@ -124,6 +124,19 @@ def test_masks_follow_shadow_error_and_avoid_relevance(chest_batch):
     assert not torch.allclose(m[0], m[1])
 
 
+@pytest.mark.parametrize("relevance_class", ["label", "predicted"])
+def test_relevance_explains_the_label_or_the_prediction(chest_batch, relevance_class):
+    images, labels = chest_batch
+    model = SmallCNN(1, 2, width=8).eval()
+    predicted = model(images[:8]).argmax(1)
+    flipped = 1 - predicted  # labels that disagree with the model everywhere
+    guard = GradGuard(GuardConfig(relevance_class=relevance_class, shadow="none"))
+    guard.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    explained = guard.explain(images[:8], flipped)
+    expected = flipped if relevance_class == "label" else predicted
+    assert torch.equal(explained.targets, expected)
+
+
 def test_resnet18_with_batchnorm(chest_batch):
     images, labels = chest_batch
     model = resnet18(in_channels=1, num_classes=2)
