@@ -333,7 +333,8 @@ def image_grid(cells: list[dict[str, Any]], root: Path, title: str, path: Path) 
                     ax.set_yticks([])
                     if images is not None and i < len(images[kind]):
                         image = images[kind][i].permute(1, 2, 0).numpy()
-                        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+                        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1,
+                                  interpolation="nearest")  # the pixels as they are; small PNGs
                     if r == 0:
                         ax.set_title(f"{client}\n{'orig' if kind == 'original' else 'recon'} {i + 1}", fontsize=7)
                     col += 1
