@@ -39,7 +39,8 @@ _GUARDS: "weakref.WeakKeyDictionary[nn.Module, GradGuard]" = weakref.WeakKeyDict
 
 @dataclass
 class MaskExplanation:
-    """The maps behind a batch's masks, for inspection and figures ([B, 1, H, W] each)."""
+    """The maps behind a batch's masks, for inspection and figures ([B, 1, H, W] each; targets: the
+    classes the relevance map explains, [B])."""
 
     vulnerability: torch.Tensor
     relevance: torch.Tensor
@@ -226,7 +227,7 @@ class GradGuard:
 
     def _maps(self, images: torch.Tensor, ids: list[str], labels: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Vulnerability, relevance and targets for clean ``images`` from the round's global model."""
+        """Vulnerability, relevance and the classes the relevance explains, for clean ``images``."""
         cfg, model = self.config, self._global_model()
         captured: list[torch.Tensor] = []
         hook = None
@@ -235,12 +236,14 @@ class GradGuard:
         try:
             with torch.no_grad():
                 logits = model(images)
-            use_label = labels is not None and cfg.relevance_class == "label"
-            targets = labels.to(images.device) if use_label else logits.argmax(dim=1)
+            predicted = logits.argmax(dim=1)
+            targets = labels.to(images.device) if labels is not None else predicted
+            # Only the attribution may drop the label; the shadow plays an attacker, who sees the true class.
+            explained = targets if cfg.relevance_class == "label" else predicted
             ones = torch.ones_like(images[:, :1])
             relevance = ones * 0.0
             if cfg.relevance_method != "none":
-                raw = attribution(cfg.relevance_method, model, images, targets)
+                raw = attribution(cfg.relevance_method, model, images, explained)
                 relevance = (mk.shadowdef_relevance_map(raw, top_fraction=cfg.relevance_top_fraction,
                                                         temperature=cfg.relevance_temperature)
                              if cfg.combine == "subtract" else
@@ -257,7 +260,7 @@ class GradGuard:
             vulnerability = (mk.shadowdef_vulnerability_map(error, temperature=cfg.vulnerability_temperature)
                              if cfg.combine == "subtract" else
                              mk.vulnerability_map(error, temperature=cfg.vulnerability_temperature))
-        return vulnerability, relevance, targets
+        return vulnerability, relevance, explained
 
     def _mask(self, vulnerability: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
         cfg = self.config
