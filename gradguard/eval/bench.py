@@ -232,8 +232,8 @@ def mode_config(mode: Mode) -> BenchConfig:
         (cosine learning rate),
         one seed, IG 300 steps; under 10 minutes on 2 CPU cores. With so little data and one
         seed, utility is indicative only (other seeds collapse even without a defense).
-    full: both datasets, 20 defense settings, three attacks (IG, BN-aware, learned), SmallCNN at 32 px, half the
-        layout (681 training images), 20 rounds with a cosine learning rate, 5 seeds. Sized for
+    full: both datasets, 20 defense settings, three attacks (IG, BN-aware, learned), SmallCNN at
+        32 px, half the layout (681 training images), 20 rounds with a cosine learning rate, 5 seeds. Sized for
         2 CPU cores (one process per dataset; RESULTS.md gives the run time). ``--large`` runs
         the same protocol at the GPU size: ResNet-18 at 64 px, 0.75 of the layout, 40 rounds
         and every attack at its full-size defaults.

@@ -87,7 +87,7 @@ def summarize(runs: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[d
         for metric in UTILITY:
             summary[f"{metric}_mean"], summary[f"{metric}_sd"] = _mean_sd([r[metric] for r in group])
         epsilons = [r["epsilon"] for r in group if r["epsilon"] is not None]
-        summary["epsilon"] = max(epsilons) if epsilons and len(epsilons) == len(group) else None
+        summary["epsilon"] = max(epsilons) if len(epsilons) == len(group) else None  # all runs bounded
         summary["delta"] = group[0]["delta"]
         summary["seconds"] = _mean_sd([r["seconds"] for r in group])[0]
         summary["collapsed_runs"] = sum(r["collapsed"] for r in group)
@@ -197,7 +197,8 @@ def markdown_table(dataset: str, summaries: list[dict[str, Any]], config: dict[s
         f"seeds {list(config['seeds'])}. "
         f"Attacks: {', '.join(config['attacks'])}; rounds attacked {config['capture_rounds']}.", "",
         "Leakage: for each captured update the strongest attack (plain or an adaptive variant: denoised and/or "
-        "intensity-calibrated, whichever has the higher PSNR), averaged over the captured updates; *best* = best match over the client's images "
+        "intensity-calibrated, whichever has the higher PSNR), averaged over the captured updates; "
+        "*best* = best match over the client's images "
         "(the paper's protocol), *strict* = one-to-one matching. Differences (in brackets) are to no defense; "
         "LPIPS as a ratio. F1 and accuracy in points, mean ± sd over seeds. *collapsed*: runs (of all seeds) "
         f"whose model predicts about one class (majority-class accuracy {100 * rows[0]['majority_accuracy']:.1f}).",
