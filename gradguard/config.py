@@ -19,6 +19,12 @@ class GuardConfig:
         noise_amplitude: w_0, the noise's peak amplitude as a fraction of the image's max |x|.
         amplitude_growth: w_t = w_0 * exp(amplitude_growth * t / T). The paper (``shadowdef``)
             uses w_0 = 0.19 and growth 1.0 (noise grows 2.7x over training).
+        batch_exponent: a step's batch of B images is noised at w_t * B^(-batch_exponent), so
+            with a non-zero exponent noise_amplitude is the amplitude for a single image. In a
+            batch-averaged gradient an image's share is 1/B while B independent noises average
+            down as 1/sqrt(B): 0.5 keeps each image's signal-to-noise ratio in the update about
+            the same whatever the batch, and spends the noise on small batches, the ones attacks
+            invert. 0 (the default) noises every batch alike.
         noise_kind: "gaussian"/"uniform" draw fresh white noise shaped by the mask at every step;
             "smooth" draws Gaussian noise low-passed over ``noise_smoothness`` pixels (a denoising
             attacker cannot strip it); "mask" adds the mask itself (deterministic, sample-specific).
@@ -75,6 +81,7 @@ class GuardConfig:
     # noise of the same energy does not, and 0.3 keeps PneumoniaMNIST F1 within a point.
     noise_amplitude: float = 0.3
     amplitude_growth: float = 0.0
+    batch_exponent: float = 0.0
     noise_kind: NoiseKind = "smooth"
     noise_smoothness: float = 1.5
     total_rounds: int = 100
@@ -110,6 +117,7 @@ class GuardConfig:
     def __post_init__(self) -> None:
         checks = {
             "noise_amplitude": self.noise_amplitude >= 0,
+            "batch_exponent": self.batch_exponent >= 0,
             "noise_smoothness": self.noise_smoothness > 0,
             "total_rounds": self.total_rounds >= 1,
             "refresh_every": self.refresh_every >= 1,

@@ -7,7 +7,8 @@ Two lines protect an existing model and optimizer; the training loop stays as it
     ...                                  # the user's loop: forward, loss, backward, step
     update = guard.protected_update()    # what the client shares
 
-Per training forward, a pre-hook replaces each input x_i by x_i + w_t s_i M_i * noise_i, where
+Per training forward, a pre-hook replaces each input x_i by x_i + w_t s_i M_i * noise_i (w_t
+scaled down for larger batches when batch_exponent > 0), where
 s_i = max|x_i| and M_i is sample i's mask. Masks are computed when a sample is first seen and
 for the whole batch every ``refresh_every`` steps, from the shadow's vulnerability map and the
 global model's relevance map, and smoothed across refreshes.
@@ -293,8 +294,8 @@ class GradGuard:
         return white
 
     def noised(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x + w_t max|x| M (noise); the same rule the training hook applies."""
-        amplitude = self._schedules()[0]
+        """x + w_t B^(-batch_exponent) max|x| M (noise), B = len(images): the training hook's rule."""
+        amplitude = mk.batch_amplitude(self._schedules()[0], len(images), exponent=self.config.batch_exponent)
         scale = images.detach().flatten(1).abs().amax(dim=1).view(-1, 1, 1, 1)
         return images + amplitude * scale * mask * self._noise_like(images)
 

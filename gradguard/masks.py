@@ -77,6 +77,13 @@ def noise_amplitude(t: int, total: int, *, base: float, growth: float) -> float:
     return base * math.exp(growth * t / total)
 
 
+def batch_amplitude(amplitude: float, batch_size: int, *, exponent: float) -> float:
+    """w_t B^(-exponent): the amplitude for a step that averages the gradients of B images."""
+    if batch_size < 1:
+        raise ValueError(f"a batch has at least one image, got {batch_size}")
+    return amplitude * batch_size ** -exponent
+
+
 def combine(vulnerability: torch.Tensor, relevance: torch.Tensor, *, weight: float,
             rule: Literal["product", "subtract"], floor: float,
             normalization: Normalization = "rms") -> torch.Tensor:

@@ -62,6 +62,22 @@ def test_noise_only_in_training_forward(chest_batch):
     torch.testing.assert_close(rms / peak, torch.full_like(rms, 0.3), atol=0.05, rtol=0)
 
 
+def test_batch_exponent_spends_the_noise_on_small_batches(chest_batch):
+    images, _ = chest_batch
+    model = SmallCNN(1, 2, width=8)
+    # noise_kind="mask" adds w * max|x| * M with RMS(M) = 1, so the added RMS is exactly the amplitude
+    guard = GradGuard(GuardConfig(noise_amplitude=0.4, noise_kind="mask", batch_exponent=0.5, seed=0))
+    model, _ = guard.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    seen = []
+    model.features[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    model.train()
+    for batch, expected in ((images[:1], 0.4), (images[:4], 0.4 / 2), (images[:16], 0.4 / 4)):
+        model(batch)
+        added = seen[-1] - batch
+        ratio = added.flatten(1).pow(2).mean(1).sqrt() / batch.flatten(1).abs().amax(1)
+        torch.testing.assert_close(ratio, torch.full_like(ratio, expected))
+
+
 def test_rewrapping_is_safe_and_cleanup_removes_every_hook(chest_batch):
     images, labels = chest_batch
     model = SmallCNN(1, 2, width=8)
