@@ -132,16 +132,18 @@ def goal_checks(summary: dict[str, Any], reference: dict[str, Any], goal: Goal, 
     psnr_drop = ref["psnr_best"] - ours["psnr_best"]
     ssim_drop = ref["ssim_best"] - ours["ssim_best"]
     ratio = ours["lpips_best"] / max(ref["lpips_best"], 1e-12)
-    f1_loss = 100 * (reference["micro_f1_mean"] - summary["micro_f1_mean"])
     collapsed = _collapsed(summary, reference)
-    return [
+    checks = [
         (f"PSNR lower by >= {goal.psnr_drop} dB", f"{psnr_drop:+.2f} dB lower", psnr_drop >= goal.psnr_drop),
         (f"SSIM lower by >= {goal.ssim_drop}", f"{ssim_drop:+.3f} lower", ssim_drop >= goal.ssim_drop),
         (f"LPIPS at least {goal.lpips_ratio}x", f"{ratio:.2f}x", ratio >= goal.lpips_ratio),
-        (f"micro-F1 within {goal.f1_points} point of no defense",
-         f"{f1_loss:+.1f} points lost" + (" (collapsed runs: utility not measured)" if collapsed else ""),
-         f1_loss <= goal.f1_points and not collapsed),
     ]
+    for metric in ("micro_f1", "macro_f1"):
+        loss = 100 * (reference[f"{metric}_mean"] - summary[f"{metric}_mean"])
+        checks.append((f"{metric.replace('_f1', '-F1')} within {goal.f1_points} point of no defense",
+                       f"{loss:+.1f} points lost" + (" (collapsed runs: utility not measured)" if collapsed else ""),
+                       loss <= goal.f1_points and not collapsed))
+    return checks
 
 
 def _collapsed(*summaries: dict[str, Any]) -> bool:

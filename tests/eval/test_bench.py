@@ -16,7 +16,7 @@ from gradguard.eval.bench import BenchConfig, Spec, attacked_clients, fedavg, mo
 from gradguard.eval.datasets import data_dir
 from gradguard.eval.metrics import psnr
 from gradguard.eval.partition import partition_clients
-from gradguard.eval.report import matched_f1_verdict
+from gradguard.eval.report import GOALS, goal_checks, matched_f1_verdict
 from gradguard.update import ProtectedUpdate
 
 CELL_KEYS = {"dataset", "defense", "defense_name", "defense_params", "attack", "round", "client",
@@ -102,7 +102,7 @@ def test_full_mode_and_its_gpu_size_and_the_cosine_schedule():
     def parse(*argv):
         return config_from_args(build_parser(["bench", *argv]).parse_args(["bench", *argv, "--device", "cpu"]))
     full, large = parse("--full"), parse("--full", "--large", "--seeds", "1")
-    assert (full.model, full.image_size, full.seeds, len(full.defenses)) == ("smallcnn", 32, (0, 1, 2, 3, 4), 20)
+    assert (full.model, full.image_size, full.seeds, len(full.defenses)) == ("smallcnn", 32, (0, 1, 2, 3, 4), 23)
     assert (large.model, large.image_size, large.rounds, large.seeds) == ("resnet18", 64, 40, (0,))
     assert large.defenses == full.defenses and {a.name for a in large.attacks} == {"inverting_gradients", "dlg",
                                                                                   "bn_fedavg", "learned_decoder"}
@@ -183,6 +183,19 @@ def test_matched_f1_verdicts():
     assert "dominates" in matched_f1_verdict(ours, other(0.70, 16.0))
     assert "trade-off" in matched_f1_verdict(ours, other(0.70, 12.0))
     assert matched_f1_verdict(ours, other(0.80, 17.0, collapsed=1)) == "no verdict (collapsed runs); GradGuard leaks less"
+
+
+def test_goal_checks_hold_micro_and_macro_f1_to_a_point():
+    def summary(psnr, ssim, lpips, micro, macro):
+        return {"leakage": {"psnr_best": psnr, "ssim_best": ssim, "lpips_best": lpips},
+                "micro_f1_mean": micro, "macro_f1_mean": macro, "collapsed_runs": 0}
+    reference = summary(22.0, 0.70, 0.030, 0.515, 0.310)
+    checks = goal_checks(summary(18.0, 0.50, 0.060, 0.508, 0.284), reference, GOALS["retinamnist"])
+    assert [met for _, _, met in checks] == [True, True, True, True, False]
+    assert checks[4][:2] == ("macro-F1 within 1.0 point of no defense", "+2.6 points lost")
+    # the seed paper's chest X-ray gains are larger: 3.73 dB and 0.2 SSIM
+    checks = goal_checks(summary(18.5, 0.52, 0.044, 0.515, 0.31), reference, GOALS["pneumoniamnist"])
+    assert [met for _, _, met in checks] == [False, False, False, True, True]
 
 
 def test_dp_runs_without_noise_are_reported_as_unbounded_epsilon():
