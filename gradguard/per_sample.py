@@ -33,6 +33,14 @@ def validate_per_sample(model: nn.Module) -> None:
             "wrapping, or turn hybrid DP off (dp_noise_multiplier=None): the guard's masks do not need it")
 
 
+def per_sample_ready(model: nn.Module) -> nn.Module:
+    """``model`` with every layer Opacus cannot clip per sample replaced (BatchNorm -> GroupNorm,
+    Opacus' ``ModuleValidator.fix``); a model that needs nothing is returned as it is."""
+    from opacus.validators import ModuleValidator
+
+    return ModuleValidator.fix(model) if ModuleValidator.validate(model, strict=False) else model
+
+
 def per_sample_gradients(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Gradient of each sample's cross-entropy loss, per parameter: {name: [B, *shape]}.
 

@@ -346,7 +346,7 @@ def _model(config: BenchConfig, data: Data, defense: Spec) -> nn.Module:
         model = SmallCNN(channels, classes, width=config.width)
     else:
         model = build_model(config.model, in_channels=channels, num_classes=classes)
-    return DEFENSES[defense.name].prepare_model(model)
+    return DEFENSES[defense.name].prepare_model(model, **defense.params)
 
 
 def attacked_clients(config: BenchConfig, clients: Sequence[ClientSpec]) -> list[str]:

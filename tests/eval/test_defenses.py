@@ -229,6 +229,24 @@ def test_dpsgd_epsilon_equals_opacus_accountant_on_the_same_history():
     assert build_defense("none").epsilon(delta=1e-5) is None
 
 
+def test_gradguard_with_hybrid_dp_trains_a_groupnorm_federation_and_reports_opacus_epsilon():
+    from opacus.accountants import RDPAccountant
+
+    params = {"dp_noise_multiplier": 1.0, "dp_max_grad_norm": 5.0}
+    bn_model = _model()
+    assert DEFENSES["gradguard"].prepare_model(bn_model) is bn_model  # no per-sample clipping, BatchNorm stays
+    model = DEFENSES["gradguard"].prepare_model(bn_model, **params)
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    defense = build_defense("gradguard", **params)
+    for t in range(2):  # 2 rounds x 3 steps of 4 images out of 12: the guard's accountant spans rounds
+        update = defense.local_update(model, _batches(n=3), lr=0.05, round=t, total_rounds=4, client_id="c1")
+    reference = RDPAccountant()
+    reference.history = [(1.0, 4 / 12, 6)]
+    assert defense.epsilon(delta=1e-5, client_id="c1") == pytest.approx(reference.get_epsilon(delta=1e-5))
+    assert all(torch.isfinite(v).all() for v in update.tensors.values())
+
+
 def test_per_sample_gradients_refuse_train_mode():
     with pytest.raises(ValueError, match="model.eval"):
         per_sample_gradients(_model().train(), *_batches(n=1)[0])

@@ -109,8 +109,9 @@ class Defense(ABC):
         return f"{type(self).__name__}({args})"
 
     @classmethod
-    def prepare_model(cls, model: nn.Module) -> nn.Module:
-        """The global model a federation of this defense's clients trains, built from ``model``.
+    def prepare_model(cls, model: nn.Module, **params: Any) -> nn.Module:
+        """The global model a federation of this defense's clients trains, built from ``model``;
+        ``params`` are the ones the defense is built with.
 
         Unchanged by default; a defense whose training cannot run on some layers (DP-SGD and
         BatchNorm) swaps them here, before the first round, so the whole federation and every

@@ -14,12 +14,15 @@ of grad); clipping, noise and accounting are Opacus' DPOptimizer and accountant.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from gradguard.eval.defenses.base import Batch, Defense, LocalRound, local_sgd, register_defense
+from gradguard.per_sample import per_sample_ready
 from gradguard.update import UpdateKind, snapshot
 
 
@@ -70,11 +73,9 @@ class DPSGD(Defense):
         self.accountants: dict = {}
 
     @classmethod
-    def prepare_model(cls, model: nn.Module) -> nn.Module:
+    def prepare_model(cls, model: nn.Module, **params: Any) -> nn.Module:
         """``model`` with every layer Opacus cannot clip per sample replaced (BatchNorm -> GroupNorm)."""
-        from opacus.validators import ModuleValidator
-
-        return ModuleValidator.fix(model) if ModuleValidator.validate(model, strict=False) else model
+        return per_sample_ready(model)
 
     @property
     def delta(self) -> float:

@@ -16,6 +16,7 @@ from gradguard import GradGuard, GuardConfig
 from gradguard.config import derive_seed
 from gradguard.eval.defenses.base import Batch, Defense, LocalRound, local_sgd, register_defense
 from gradguard.masks import sample_id
+from gradguard.per_sample import per_sample_ready
 from gradguard.update import UpdateKind
 
 
@@ -30,6 +31,11 @@ class GuardedDefense(Defense):
         self.overrides = overrides
         self.guards: dict[str, GradGuard] = {}
         self._epsilon: dict[str, float] = {}
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module, **params: Any) -> nn.Module:
+        """Hybrid DP clips per sample, so its federation trains the model without BatchNorm."""
+        return per_sample_ready(model) if params.get("dp_noise_multiplier") is not None else model
 
     def _guard(self, context: LocalRound) -> GradGuard:
         guard = self.guards.get(context.client_id)
