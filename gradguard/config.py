@@ -147,7 +147,7 @@ class GuardConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "GuardConfig":
-        """A named preset: default, shadowdef, shadow_only, relevance_only, untargeted."""
+        """A named preset: default, chest_xray, fundus, shadowdef, shadow_only, relevance_only, untargeted."""
         try:
             base = PRESETS[name]
         except KeyError:
@@ -183,6 +183,12 @@ PRESETS: dict[str, GuardConfig] = {
         shadow="generator",
         shadow_steps_per_batch=5,
     ),
+    # Measured per modality (RESULTS.md, session 5). Chest X-rays: a label-free relevance map, a
+    # flatter vulnerability map and noise spent on small batches ("GradGuard-P1B"). Fundus images:
+    # a flatter mask; the default's concentrated noise cost RetinaMNIST 2 F1 points ("GradGuard-F7/0.5").
+    "chest_xray": GuardConfig(relevance_class="predicted", vulnerability_temperature=1.0, batch_exponent=0.5,
+                              noise_amplitude=0.6),
+    "fundus": GuardConfig(mask_floor=0.7, noise_amplitude=0.5),
     # Ablations the benchmark reports.
     "shadow_only": GuardConfig(relevance_method="none"),
     "relevance_only": GuardConfig(shadow="none"),

@@ -110,6 +110,16 @@ def test_full_mode_and_its_gpu_size_and_the_cosine_schedule():
     assert full.round_lr(full.rounds // 2 + 1) == pytest.approx(full.lr / 2)
 
 
+def test_the_modality_presets_are_the_settings_the_full_benchmark_measured():
+    from gradguard import GuardConfig
+
+    measured = {spec.label: spec for spec in mode_config("full").defenses if spec.name == "gradguard"}
+    for preset, label in (("chest_xray", "gradguard(batch_exponent=0.5,noise_amplitude=0.6,relevance_class=predicted,"
+                                         "vulnerability_temperature=1.0)"),
+                          ("fundus", "gradguard(mask_floor=0.7,noise_amplitude=0.5)")):
+        assert GuardConfig.preset(preset) == GuardConfig.preset("default", **measured[label].params)
+
+
 def test_fedavg_adds_the_sample_weighted_mean_delta_and_keeps_integer_buffers():
     base = {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor(7)}
     updates = [ProtectedUpdate(tensors={"w": torch.tensor([1.0, 0.0])}, kind="delta", num_samples=1, num_steps=1, round=1),
