@@ -210,10 +210,15 @@ class BenchConfig:
 # setting without noise or clipping is the control: the GroupNorm model trained by plain SGD.
 # The two relevance_class=predicted settings (session 4) test a label-free relevance map, alone
 # and with a flatter vulnerability map (temperature 1: the shadow's weight ranges over 1..e).
+# Session 6 tests P1B with more noise (0.7) and with noise that decays over the rounds
+# (amplitude_growth -1: 0.86 in round 1, 0.33 in round 20), since round 1 leaks the most.
 _ALL_DEFENSES_FULL = _specs(
     "none", "gradguard", "gradguard:noise_amplitude=0.15", "gradguard:noise_amplitude=0.5",
     "gradguard:relevance_class=predicted", "gradguard:relevance_class=predicted,vulnerability_temperature=1.0",
     "gradguard:relevance_class=predicted,vulnerability_temperature=1.0,batch_exponent=0.5,noise_amplitude=0.6",
+    "gradguard:relevance_class=predicted,vulnerability_temperature=1.0,batch_exponent=0.5,noise_amplitude=0.7",
+    "gradguard:relevance_class=predicted,vulnerability_temperature=1.0,batch_exponent=0.5,noise_amplitude=0.9,"
+    "amplitude_growth=-1.0",
     "gradguard:mask_floor=0.7", "gradguard:mask_floor=0.7,noise_amplitude=0.5",
     "untargeted", "untargeted:noise_amplitude=0.15", "untargeted:noise_amplitude=0.5",
     "untargeted:batch_exponent=0.5,noise_amplitude=0.6", "relevance_only",
@@ -235,7 +240,7 @@ def mode_config(mode: Mode) -> BenchConfig:
         (cosine learning rate),
         one seed, IG 300 steps; under 10 minutes on 2 CPU cores. With so little data and one
         seed, utility is indicative only (other seeds collapse even without a defense).
-    full: both datasets, 24 defense settings, three attacks (IG, BN-aware, learned), SmallCNN at
+    full: both datasets, 26 defense settings, three attacks (IG, BN-aware, learned), SmallCNN at
         32 px, half the layout (681 training images), 20 rounds with a cosine learning rate, 5 seeds. Sized for
         2 CPU cores (one process per dataset; RESULTS.md gives the run time). ``--large`` runs
         the same protocol at the GPU size: ResNet-18 at 64 px, 0.75 of the layout, 40 rounds
@@ -642,7 +647,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     modes = parser.add_mutually_exclusive_group()
     for mode, text in (("smoke", "the test's plumbing check (about a minute)"),
                        ("quick", "every defense, small (the default; < 10 min on 2 CPU cores)"),
-                       ("full", "both datasets, 24 defense settings, 3 attacks, 5 seeds (about 135 minutes per "
+                       ("full", "both datasets, 26 defense settings, 3 attacks, 5 seeds (about 145 minutes per "
                                 "dataset on a CPU core)")):
         modes.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode, help=text)
     parser.set_defaults(mode="quick", func=_main)

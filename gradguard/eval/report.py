@@ -286,30 +286,42 @@ def _verdicts(dataset: str, rows: list[dict[str, Any]], ref: dict[str, Any] | No
 
 # ---------------------------------------------------------------------------- figures
 def privacy_utility_plot(dataset: str, summaries: list[dict[str, Any]], path: Path) -> None:
-    """Attack PSNR (best protocol) against micro- and macro-F1, one point per defense setting."""
+    """Attack PSNR (best protocol) against micro- and macro-F1, one point per defense setting.
+
+    Points carry numbers and a key lists the settings: with two dozen settings, full labels
+    beside the points overlap and run off the axes.
+    """
     from matplotlib.figure import Figure
 
     rows = [s for s in summaries if s["dataset"] == dataset and s["leakage"]]
-    figure = Figure(figsize=(12, 5.5), constrained_layout=True)
-    axes = figure.subplots(1, 2, sharey=True)
+    figure = Figure(figsize=(19, 6.5), constrained_layout=True)
+    grid = figure.add_gridspec(1, 3, width_ratios=(1, 1, 1.25))
+    axes = [figure.add_subplot(grid[0, 0])]
+    axes.append(figure.add_subplot(grid[0, 1], sharey=axes[0]))
     for ax, metric in zip(axes, ("micro_f1", "macro_f1")):
-        for s in rows:
+        for number, s in enumerate(rows, 1):
             x, y = 100 * s[f"{metric}_mean"], s["leakage"]["psnr_best"]
             sd = 100 * s[f"{metric}_sd"] if s[f"{metric}_sd"] is not None else None
             ours = s["defense_name"] == "gradguard"
             ax.errorbar(x, y, xerr=sd, fmt="x" if s["collapsed_runs"] else ("*" if ours else "o"),
-                        markersize=12 if ours else 7, color="tab:red" if ours else "tab:blue", capsize=3)
-            ax.annotate(s["defense"] + (" (collapsed)" if s["collapsed_runs"] else ""), (x, y), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
+                        markersize=12 if ours else 7, color="tab:red" if ours else "tab:blue", capsize=3,
+                        alpha=0.8)
+            ax.annotate(str(number), (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
         floor = next((s["mean_image"] for s in rows if s["mean_image"]), None)
         if floor is not None:
             ax.axhline(floor["psnr_best"], color="grey", linestyle="--", linewidth=1,
                        label="attacker's mean image (no update)")
-            ax.legend(loc="best", fontsize=7)
+            ax.legend(loc="upper left", fontsize=7)
         ax.set_xlabel(f"{metric.replace('_', '-')} (points, mean ± sd over seeds)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("attack PSNR, best protocol (dB; lower is more private)")
-    figure.suptitle(f"{dataset}: privacy against utility (strongest attack, adaptive included)")
+    key = figure.add_subplot(grid[0, 2])
+    key.axis("off")
+    key.text(0, 1, "\n".join(f"{n:>2}  {s['defense']}" + (" (collapsed)" if s["collapsed_runs"] else "")
+                             for n, s in enumerate(rows, 1)),
+             va="top", ha="left", fontsize=7, family="monospace", transform=key.transAxes)
+    figure.suptitle(f"{dataset}: privacy against utility (strongest attack, adaptive included; "
+                    "red stars: GradGuard settings)")
     figure.savefig(path, dpi=130)
 
 

@@ -102,7 +102,7 @@ def test_full_mode_and_its_gpu_size_and_the_cosine_schedule():
     def parse(*argv):
         return config_from_args(build_parser(["bench", *argv]).parse_args(["bench", *argv, "--device", "cpu"]))
     full, large = parse("--full"), parse("--full", "--large", "--seeds", "1")
-    assert (full.model, full.image_size, full.seeds, len(full.defenses)) == ("smallcnn", 32, (0, 1, 2, 3, 4), 24)
+    assert (full.model, full.image_size, full.seeds, len(full.defenses)) == ("smallcnn", 32, (0, 1, 2, 3, 4), 26)
     assert (large.model, large.image_size, large.rounds, large.seeds) == ("resnet18", 64, 40, (0,))
     assert large.defenses == full.defenses and {a.name for a in large.attacks} == {"inverting_gradients", "dlg",
                                                                                   "bn_fedavg", "learned_decoder"}
