@@ -18,7 +18,8 @@ class GuardConfig:
     Noise
         noise_amplitude: w_0, the noise's peak amplitude as a fraction of the image's max |x|.
         amplitude_growth: w_t = w_0 * exp(amplitude_growth * t / T). The paper (``shadowdef``)
-            uses w_0 = 0.19 and growth 1.0 (noise grows 2.7x over training).
+            uses w_0 = 0.19 and growth 1.0 (noise grows 2.7x over training). A negative growth
+            decays the noise; it keeps F1 but protects less (RESULTS.md, session 6).
         batch_exponent: a step's batch of B images is noised at w_t * B^(-batch_exponent), so
             with a non-zero exponent noise_amplitude is the amplitude for a single image. In a
             batch-averaged gradient an image's share is 1/B while B independent noises average
