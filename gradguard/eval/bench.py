@@ -210,15 +210,15 @@ class BenchConfig:
 # setting without noise or clipping is the control: the GroupNorm model trained by plain SGD.
 # The two relevance_class=predicted settings (session 4) test a label-free relevance map, alone
 # and with a flatter vulnerability map (temperature 1: the shadow's weight ranges over 1..e).
-# Session 6 tests P1B with more noise (0.7) and with noise that decays over the rounds
-# (amplitude_growth -1: 0.86 in round 1, 0.33 in round 20), since round 1 leaks the most.
+# P1B (session 5) adds a batch exponent; session 6 tests it with more noise (0.7) and with noise
+# that decays over the rounds (amplitude_growth -1: 0.86 in round 1, 0.33 in round 20), since
+# seed 0's round-1 update of the single-image client leaked the most.
+_P1 = "gradguard:relevance_class=predicted,vulnerability_temperature=1.0"
+_P1B = f"{_P1},batch_exponent=0.5"
 _ALL_DEFENSES_FULL = _specs(
     "none", "gradguard", "gradguard:noise_amplitude=0.15", "gradguard:noise_amplitude=0.5",
-    "gradguard:relevance_class=predicted", "gradguard:relevance_class=predicted,vulnerability_temperature=1.0",
-    "gradguard:relevance_class=predicted,vulnerability_temperature=1.0,batch_exponent=0.5,noise_amplitude=0.6",
-    "gradguard:relevance_class=predicted,vulnerability_temperature=1.0,batch_exponent=0.5,noise_amplitude=0.7",
-    "gradguard:relevance_class=predicted,vulnerability_temperature=1.0,batch_exponent=0.5,noise_amplitude=0.9,"
-    "amplitude_growth=-1.0",
+    "gradguard:relevance_class=predicted", _P1, f"{_P1B},noise_amplitude=0.6", f"{_P1B},noise_amplitude=0.7",
+    f"{_P1B},noise_amplitude=0.9,amplitude_growth=-1.0",
     "gradguard:mask_floor=0.7", "gradguard:mask_floor=0.7,noise_amplitude=0.5",
     "untargeted", "untargeted:noise_amplitude=0.15", "untargeted:noise_amplitude=0.5",
     "untargeted:batch_exponent=0.5,noise_amplitude=0.6", "relevance_only",
