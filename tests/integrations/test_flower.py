@@ -279,10 +279,13 @@ def test_flower_example_matches_our_grpc_aggregator(tmp_path):
             gap = (flower[1][name].double() - ours[1][name].double()).abs()
             assert bool((gap <= (n + 2) * EPS32 * scale).all()), (name, gap.max().item())
     # Round 2 starts from globals that differ by that rounding (about one ulp); local training
-    # carries the difference on: measured 1e-6 to 2e-6 of the largest change the round made. A
-    # logic error moves the model by a sizeable fraction of that change (measured: a client that
-    # loses its masks and shadow between rounds 1.2%, another noise seed 10%), so 1e-4 separates them.
+    # carries the difference on, and the masks' rank equalisation and top-fraction threshold can
+    # turn a near-tie the other way. The order in which Flower receives the replies changes the
+    # rounding, so the gap takes one of a few values: measured 4.0e-5 and 2.4e-4 of the largest
+    # change the round made (torch 2.14, 2 cores). A logic error moves the model by a sizeable
+    # fraction of that change (measured: a client that loses its masks and shadow between rounds
+    # 1.2%, another noise seed 10%), so 1e-3 separates them.
     floats = [name for name in ours[0] if ours[0][name].is_floating_point()]
     step = max((ours[2][k] - ours[1][k]).abs().max().item() for k in floats)
     gap = max((flower[2][k].double() - ours[2][k].double()).abs().max().item() for k in floats)
-    assert gap <= 1e-4 * step, (gap, step)
+    assert gap <= 1e-3 * step, (gap, step)
