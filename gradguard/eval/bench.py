@@ -3,10 +3,10 @@
 For every dataset and defense setting:
 
 1. **train** (one run per seed): FedAvg over the 9-client layout (scaled), one local epoch per
-   client and round, the defense producing each client's update. The first seed's run keeps the
-   updates of the attacked clients at the capture rounds (early, middle, last), together with
-   the global model of that round and the client's images: what an attacker sees, plus the truth
-   to score it. The final global model is scored on the test split.
+   client and round, the defense producing each client's update. The first seed's run (the first
+   ``attack_seeds`` seeds' runs) keeps the updates of the attacked clients at the capture rounds
+   (early, middle, last), together with the global model of that round and the client's images:
+   what an attacker sees, plus the truth to score it. The final global model is scored on the test split.
 2. **attack**: every configured attack on every captured update, by registry name; each
    reconstruction is scored in each of the adaptive attacker's variants (denoised, intensity-
    calibrated; :mod:`gradguard.eval.adaptive`), and the strongest
@@ -115,7 +115,10 @@ class BenchConfig:
         capture_rounds: rounds whose updates are attacked (1-based); None: first, middle, last.
         clients: attacked client ids; None: the single-image client (the layout's last) and the
             smallest client whose batches hold more than one image.
-        seeds: utility is reported over all of them; the first one's run is attacked.
+        seeds: utility is reported over all of them.
+        attack_seeds: the runs of the first ``attack_seeds`` seeds are captured and attacked, and
+            leakage is averaged over all their captured updates (one run's updates depend on
+            which images its single-image client drew: attacking several runs averages that out).
     Defenses and attacks
         defenses, attacks: registered names with parameters (see :class:`Spec`).
     Execution
@@ -136,6 +139,7 @@ class BenchConfig:
     capture_rounds: tuple[int, ...] | None = None
     clients: tuple[str, ...] | None = None
     seeds: tuple[int, ...] = (0,)
+    attack_seeds: int = 1
     defenses: tuple[Spec, ...] = _specs(
         "none", "gradguard", "shadowdef", "untargeted", "relevance_only", "shadow_only",
         "dpsgd:noise_multiplier=0.5,max_grad_norm=5", "gaussian:sigma0=0.1", "gaussian:sigma0=1.0",
@@ -152,6 +156,9 @@ class BenchConfig:
             problems.append("need rounds >= 1, scale > 0, lr > 0 and image_size >= 8")
         if not self.seeds:
             problems.append("seeds is empty")
+        elif not 1 <= self.attack_seeds <= len(self.seeds):
+            problems.append(f"attack_seeds must lie in 1..{len(self.seeds)} (the number of seeds), "
+                            f"got {self.attack_seeds}")
         if self.lr_schedule not in ("constant", "cosine"):
             problems.append(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.model not in ("smallcnn", "resnet18"):
@@ -182,10 +189,15 @@ class BenchConfig:
             return tuple(sorted(set(self.capture_rounds)))
         return tuple(sorted({1, (self.rounds + 1) // 2, self.rounds}))
 
+    @property
+    def seeds_attacked(self) -> tuple[int, ...]:
+        return self.seeds[:self.attack_seeds]
+
     def fingerprint(self) -> dict[str, Any]:
         """The settings every cached cell depends on; a rerun must match them to reuse cells.
 
-        Datasets, defenses, attacks and further seeds can be added to an existing run."""
+        Datasets, defenses, attacks, further seeds and further attacked seeds can be added to an
+        existing run."""
         return {"format": _FORMAT, "image_size": self.image_size, "model": self.model,
                 "width": self.width if self.model == "smallcnn" else None, "scale": self.scale,
                 "distribution": self.distribution,
@@ -287,18 +299,26 @@ def _read_json(path: Path) -> Any:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a run keeps its files under ``root``."""
+    """Where a run keeps its files under ``root``.
+
+    Captures and attack cells of the run's first seed have no seed in their names (caches from
+    before several seeds were attacked stay valid); other attacked seeds add ``-seed<N>``."""
 
     root: Path
+    first_seed: int = 0
+
+    def _suffix(self, seed: int) -> str:
+        return "" if seed == self.first_seed else f"-seed{seed}"
 
     def train(self, dataset: str, defense: Spec, seed: int) -> Path:
         return self.root / "cells" / "train" / dataset / defense.slug / f"seed{seed}.json"
 
-    def capture(self, dataset: str, defense: Spec, round_: int) -> Path:
-        return self.root / "captures" / dataset / defense.slug / f"round{round_}.pt"
+    def capture(self, dataset: str, defense: Spec, round_: int, *, seed: int) -> Path:
+        return self.root / "captures" / dataset / defense.slug / f"round{round_}{self._suffix(seed)}.pt"
 
-    def attack(self, dataset: str, defense: Spec, attack: Spec, round_: int, client: str) -> Path:
-        return self.root / "cells" / "attack" / dataset / defense.slug / attack.slug / f"round{round_}-{client}.json"
+    def attack(self, dataset: str, defense: Spec, attack: Spec, round_: int, client: str, *, seed: int) -> Path:
+        return (self.root / "cells" / "attack" / dataset / defense.slug / attack.slug
+                / f"round{round_}-{client}{self._suffix(seed)}.json")
 
     @property
     def run(self) -> Path:
@@ -441,7 +461,8 @@ def train_run(config: BenchConfig, data: Data, spec: Spec, seed: int, layout: La
                                                 sample_ids=ids))
         kept = {u.client_id: u for u in updates if u.client_id in attacked and round_ in config.rounds_attacked}
         if kept:
-            _save_capture(layout.capture(data.train.name, spec, round_), global_state, kept, data.train, clients)
+            _save_capture(layout.capture(data.train.name, spec, round_, seed=seed), global_state, kept, data.train,
+                          clients)
         model.load_state_dict(fedavg(global_state, updates))
     seconds = time.perf_counter() - start
     epsilon = defense.epsilon(delta=defense.delta) if defense.delta is not None else None
@@ -465,8 +486,9 @@ def _save_capture(path: Path, global_state: dict[str, Tensor], updates: dict[str
 
 # ---------------------------------------------------------------------------- attacks
 def attack_cell(config: BenchConfig, data: Data, defense: Spec, attack: Spec, round_: int, client: str,
-                capture: dict[str, Any], lpips_metric: LPIPSMetric, images_path: Path) -> dict[str, Any]:
-    """Attack one captured update; the record scores plain and adaptive results, the stronger counts.
+                capture: dict[str, Any], lpips_metric: LPIPSMetric, images_path: Path, *, seed: int) -> dict[str, Any]:
+    """Attack one captured update of seed ``seed``'s run; the record scores plain and adaptive
+    results, the stronger counts. The attack's own randomness is seeded by ``seed`` too.
 
     The attacker gets the global model, the update and its metadata; it recovers the labels
     itself, and an attack that learns from data (a ``prior_images`` config field) gets
@@ -477,7 +499,7 @@ def attack_cell(config: BenchConfig, data: Data, defense: Spec, attack: Spec, ro
     model.load_state_dict(capture["global"])
     update = ProtectedUpdate(**capture["updates"][client])
     originals = capture["images"][client]
-    overrides = {"device": config.device, "seed": config.seeds[0], "progress": config.progress}
+    overrides = {"device": config.device, "seed": seed, "progress": config.progress}
     if "prior_images" in {f.name for f in dataclasses.fields(ATTACKS[attack.name].config_class)}:
         overrides["prior_images"] = data.prior.images
     result = build_attack(attack.name, **{**overrides, **attack.params}).reconstruct(
@@ -490,7 +512,7 @@ def attack_cell(config: BenchConfig, data: Data, defense: Spec, attack: Spec, ro
     _atomic(images_path, lambda tmp: torch.save({"reconstruction": reconstruction, "original": matched}, tmp))
     return {"dataset": data.train.name, "defense": defense.label, "defense_name": defense.name,
             "defense_params": dict(defense.params), "attack": attack.label, "attack_name": attack.name,
-            "attack_params": dict(attack.params), "round": round_, "client": client,
+            "attack_params": dict(attack.params), "seed": seed, "round": round_, "client": client,
             "client_images": len(originals), "client_batch_size": update.batch_size,
             "local_steps": update.num_steps, "reconstructed": len(reconstruction),
             "labels_recovered": sorted(result.labels.tolist()), **scores[chosen], "variant": chosen,
@@ -518,16 +540,16 @@ class _Runner:
         self._lpips: LPIPSMetric | None = None  # loaded when the first attack cell is computed
 
     def runs(self, data: Data, defense: Spec, targets: list[str]) -> list[dict[str, Any]]:
-        """The training records of every seed; the first seed's run is redone when a capture
-        that a missing attack cell needs is gone."""
+        """The training records of every seed; an attacked seed's run is redone when a capture
+        that a missing attack cell needs is gone (or was never kept: a seed attacked only now)."""
         config, layout, name = self.config, self.layout, data.train.name
-        needed = {round_ for round_ in config.rounds_attacked for client in targets for attack in config.attacks
-                  if not layout.attack(name, defense, attack, round_, client).is_file()}
         records = []
         for seed in config.seeds:
             path = layout.train(name, defense, seed)
-            capture = seed == config.seeds[0]
-            lost = capture and any(not layout.capture(name, defense, r).is_file() for r in needed)
+            capture = seed in config.seeds_attacked
+            needed = {round_ for round_ in config.rounds_attacked for client in targets for attack in config.attacks
+                      if capture and not layout.attack(name, defense, attack, round_, client, seed=seed).is_file()}
+            lost = any(not layout.capture(name, defense, r, seed=seed).is_file() for r in needed)
             if not path.is_file() or lost:
                 self.bar.set_postfix_str(f"{name} {defense.label} train seed {seed}")
                 _write_json(path, train_run(config, data, defense, seed, layout, capture=capture))
@@ -537,25 +559,30 @@ class _Runner:
         return records
 
     def cells(self, data: Data, defense: Spec, targets: list[str]) -> list[dict[str, Any]]:
-        """The attack records of every captured update and attack, with their images' path."""
+        """The attack records of every attacked seed's captured updates and every attack, with
+        their images' path."""
         config, layout, name = self.config, self.layout, data.train.name
         records = []
-        for round_ in config.rounds_attacked:
-            capture = None  # loaded once per round, only if a cell of it is missing
-            for client in targets:
-                for attack in config.attacks:
-                    path = layout.attack(name, defense, attack, round_, client)
-                    if not path.is_file():
-                        self.bar.set_postfix_str(f"{name} {defense.label} {attack.label} r{round_} {client}")
-                        if capture is None:
-                            capture = torch.load(layout.capture(name, defense, round_), weights_only=True)
-                        self._lpips = self._lpips or LPIPSMetric(device=config.device)
-                        _write_json(path, attack_cell(config, data, defense, attack, round_, client, capture,
-                                                      self._lpips, path.with_suffix(".pt")))
-                        self.attacked += 1
-                    images = path.with_suffix(".pt").relative_to(layout.root)
-                    records.append({**_read_json(path), "images": str(images)})
-                    self.bar.update()
+        for seed in config.seeds_attacked:
+            for round_ in config.rounds_attacked:
+                capture = None  # loaded once per round, only if a cell of it is missing
+                for client in targets:
+                    for attack in config.attacks:
+                        path = layout.attack(name, defense, attack, round_, client, seed=seed)
+                        if not path.is_file():
+                            self.bar.set_postfix_str(f"{name} {defense.label} {attack.label} seed {seed} "
+                                                     f"r{round_} {client}")
+                            if capture is None:
+                                capture = torch.load(layout.capture(name, defense, round_, seed=seed),
+                                                     weights_only=True)
+                            self._lpips = self._lpips or LPIPSMetric(device=config.device)
+                            _write_json(path, attack_cell(config, data, defense, attack, round_, client, capture,
+                                                          self._lpips, path.with_suffix(".pt"), seed=seed))
+                            self.attacked += 1
+                        images = path.with_suffix(".pt").relative_to(layout.root)
+                        # Cells from before several seeds were attacked carry no seed: the first one's.
+                        records.append({**_read_json(path), "seed": seed, "images": str(images)})
+                        self.bar.update()
         return records
 
 
@@ -563,14 +590,14 @@ def run_bench(config: BenchConfig, out: str | Path, *, report_dir: str | Path | 
               command: str | None = None) -> BenchOutcome:
     """Run (or resume) the benchmark with its cache in ``out``; write results.json, tables and
     figures to ``report_dir`` (default ``out``)."""
-    layout = Layout(Path(out))
+    layout = Layout(Path(out), first_seed=config.seeds[0])
     _check_run(layout, config)
     datasets = {name: Data.load(name, config.image_size) for name in config.datasets}
     targets = {name: attacked_clients(config, partition_clients(
         data.train.labels, scale=config.scale, distribution=config.distribution, alpha=config.alpha,
         seed=config.seeds[0])) for name, data in datasets.items()}
-    units = sum(len(config.defenses) * (len(config.seeds) + len(config.rounds_attacked) * len(targets[name])
-                                         * len(config.attacks)) for name in datasets)
+    units = sum(len(config.defenses) * (len(config.seeds) + config.attack_seeds * len(config.rounds_attacked)
+                                         * len(targets[name]) * len(config.attacks)) for name in datasets)
     runs: list[dict[str, Any]] = []
     cells: list[dict[str, Any]] = []
     with tqdm(total=units, desc="bench", disable=not config.progress) as bar:
@@ -617,6 +644,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.seed is not None or args.seeds is not None:
         first = args.seed if args.seed is not None else config.seeds[0]
         changes["seeds"] = tuple(range(first, first + (args.seeds or len(config.seeds))))
+    if args.attack_seeds is not None:
+        changes["attack_seeds"] = args.attack_seeds
     return dataclasses.replace(config, **changes)
 
 
@@ -659,6 +688,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, help="first seed")
     parser.add_argument("--seeds", type=int, help="number of seeds (utility is averaged over them)")
+    parser.add_argument("--attack-seeds", type=int, metavar="N",
+                        help="attack the runs of the first N seeds (default 1); leakage is averaged over all "
+                             "their captured updates")
     parser.add_argument("--datasets", nargs="+", metavar="NAME")
     parser.add_argument("--defenses", nargs="+", metavar="SPEC",
                         help=f"name or name:key=value,...; registered: {', '.join(sorted(DEFENSES))}")

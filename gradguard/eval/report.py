@@ -2,10 +2,10 @@
 
 How the numbers are aggregated (the tables say it too):
 
-- Leakage of a defense setting: for every captured update (round, client) the strongest attack
-  counts, i.e. the one with the highest best-match PSNR (each attack already scored as the
-  stronger of its plain and adaptive results); metrics are then averaged over the captured
-  updates. ``best`` is the seed paper's protocol (each reconstruction against its best-matching
+- Leakage of a defense setting: for every captured update (attacked seed's run, round, client)
+  the strongest attack counts, i.e. the one with the highest best-match PSNR (each attack
+  already scored as the stronger of its plain and adaptive results); metrics are then averaged
+  over the captured updates of every attacked run. ``best`` is the seed paper's protocol (each reconstruction against its best-matching
   client image), ``strict`` the one-to-one matching.
 - Utility: mean and sample standard deviation over seeds of the final global model's test
   scores; a run is flagged when the model collapsed to (about) one class.
@@ -61,16 +61,22 @@ def _mean_sd(values: list[float]) -> tuple[float, float | None]:
 
 
 def strongest_cells(cells: Iterable[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """Per (dataset, defense): for each captured update the cell of the strongest attack."""
-    best: dict[tuple[str, str, int, str], dict[str, Any]] = {}
+    """Per (dataset, defense): for each captured update (seed, round, client) the cell of the
+    strongest attack, ordered by seed, round and client. A cell without a seed is the first
+    attacked run's."""
+    best: dict[tuple[str, str, int, int, str], dict[str, Any]] = {}
     for cell in cells:
-        key = (cell["dataset"], cell["defense"], cell["round"], cell["client"])
+        key = (cell["dataset"], cell["defense"], cell.get("seed", 0), cell["round"], cell["client"])
         if key not in best or cell["psnr_best"] > best[key]["psnr_best"]:
             best[key] = cell
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for (dataset, defense, _, _), cell in sorted(best.items(), key=lambda kv: (kv[0][2], kv[0][3])):
+    for (dataset, defense, *_), cell in sorted(best.items(), key=lambda kv: kv[0][2:]):
         grouped[dataset, defense].append(cell)
     return grouped
+
+
+def _mean_leakage(cells: list[dict[str, Any]]) -> dict[str, float]:
+    return {m: float(np.mean([c[m] for c in cells])) for m in METRICS}
 
 
 def summarize(runs: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -94,12 +100,15 @@ def summarize(runs: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[d
         summary["majority_accuracy"] = group[0]["majority_accuracy"]
         chosen = strongest.get((dataset, defense), [])
         summary["captures"] = len(chosen)
-        summary["leakage"] = {m: float(np.mean([c[m] for c in chosen])) for m in METRICS} if chosen else None
+        summary["attack_seeds"] = sorted({c.get("seed", 0) for c in chosen})
+        summary["leakage"] = _mean_leakage(chosen) if chosen else None
         # Per attacked client too: a client whose undefended update already leaks nothing beyond the
         # mean image dilutes the average, so the goals are also checked client by client.
-        summary["leakage_by_client"] = {
-            client: {m: float(np.mean([c[m] for c in chosen if c["client"] == client])) for m in METRICS}
-            for client in sorted({c["client"] for c in chosen})}
+        summary["leakage_by_client"] = {client: _mean_leakage([c for c in chosen if c["client"] == client])
+                                        for client in sorted({c["client"] for c in chosen})}
+        # Per attacked run: how much the figures depend on which run (which images) is attacked.
+        summary["leakage_by_seed"] = {str(seed): _mean_leakage([c for c in chosen if c.get("seed", 0) == seed])
+                                      for seed in summary["attack_seeds"]}
         summary["mean_image_psnr_by_client"] = {
             client: float(np.mean([c["mean_image"]["psnr_best"] for c in chosen if c["client"] == client]))
             for client in summary["leakage_by_client"]}
@@ -111,7 +120,10 @@ def summarize(runs: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[d
             if (cell["dataset"], cell["defense"]) == (dataset, defense):
                 per_attack[cell["attack"]].append(cell["psnr_best"])
         summary["psnr_best_per_attack"] = {a: float(np.mean(v)) for a, v in per_attack.items()}
-        summary["psnr_best_per_capture"] = {f"round{c['round']}-{c['client']}": c["psnr_best"] for c in chosen}
+        per_capture: dict[str, list[float]] = defaultdict(list)  # over the attacked seeds
+        for c in chosen:
+            per_capture[f"round{c['round']}-{c['client']}"].append(c["psnr_best"])
+        summary["psnr_best_per_capture"] = {k: float(np.mean(v)) for k, v in per_capture.items()}
         summaries.append(summary)
     return summaries
 
@@ -191,15 +203,18 @@ def markdown_table(dataset: str, summaries: list[dict[str, Any]], config: dict[s
     rows = [s for s in summaries if s["dataset"] == dataset]
     ref = _reference(summaries, dataset)
     ref_leak = ref["leakage"] if ref and ref["leakage"] else None
+    attacked = sorted({seed for s in rows for seed in s.get("attack_seeds", [])})
     lines = [
         f"# {dataset}: leakage and utility per defense setting", "",
         f"Model {config['model']}" + (f" (width {config['width']})" if config["model"] == "smallcnn" else "")
         + f", {config['image_size']} px, 9-client layout at scale {config['scale']} ({config['distribution']}), "
         f"{config['rounds']} FedAvg rounds at lr {config['lr']} ({config.get('lr_schedule', 'constant')}), "
         f"seeds {list(config['seeds'])}. "
-        f"Attacks: {', '.join(config['attacks'])}; rounds attacked {config['capture_rounds']}.", "",
+        f"Attacks: {', '.join(config['attacks'])}; rounds attacked {config['capture_rounds']} "
+        f"in the runs of seed{'s' if len(attacked) > 1 else ''} {', '.join(map(str, attacked)) or '–'}.", "",
         "Leakage: for each captured update the strongest attack (plain or an adaptive variant: denoised and/or "
-        "intensity-calibrated, whichever has the higher PSNR), averaged over the captured updates; "
+        "intensity-calibrated, whichever has the higher PSNR), averaged over the captured updates"
+        + (" of every attacked run" if len(attacked) > 1 else "") + "; "
         "*best* = best match over the client's images "
         "(the paper's protocol), *strict* = one-to-one matching. Differences (in brackets) are to no defense; "
         "LPIPS as a ratio. F1 and accuracy in points, mean ± sd over seeds. *collapsed*: runs (of all seeds) "
@@ -233,19 +248,35 @@ def markdown_table(dataset: str, summaries: list[dict[str, Any]], config: dict[s
         lines += ["", "*mean image*: the attacker's own data's mean image (the validation split), scored against "
                       "the same clients; it needs no update, so leakage at or below it reveals nothing beyond "
                       "the data distribution."]
-    lines += _detail_tables(rows)
+    lines += _detail_tables(rows, several_runs=len(attacked) > 1)
     lines += _verdicts(dataset, rows, ref)
     return "\n".join(lines) + "\n"
 
 
-def _detail_tables(rows: list[dict[str, Any]]) -> list[str]:
+def _detail_tables(rows: list[dict[str, Any]], *, several_runs: bool) -> list[str]:
     attacks = sorted({a for s in rows for a in s["psnr_best_per_attack"]})
     captures = list(dict.fromkeys(k for s in rows for k in s["psnr_best_per_capture"]))
-    lines = ["", "## PSNR (best protocol, dB) per attack, mean over captured updates", "",
+    lines: list[str] = []
+    if several_runs:
+        ref = next((s for s in rows if s["defense"] == REFERENCE and s["leakage"]), None)
+        seeds = sorted({seed for s in rows for seed in s.get("leakage_by_seed", {})}, key=int)
+        lines += ["", "## Leakage per attacked run: PSNR best in dB (Δ to no defense), SSIM best, LPIPS best", "",
+                  "| defense | " + " | ".join(f"seed {seed}" for seed in seeds) + " |", "|---|" + "---|" * len(seeds)]
+        for s in rows:
+            values = []
+            for seed in seeds:
+                leak, base = s.get("leakage_by_seed", {}).get(seed), ref and ref["leakage_by_seed"].get(seed)
+                values.append("–" if leak is None else f"{leak['psnr_best']:.2f}"
+                              + _delta(leak["psnr_best"], base and base["psnr_best"], "+.2f")
+                              + f" / {leak['ssim_best']:.3f} / {leak['lpips_best']:.3f}")
+            lines.append(f"| {s['defense']} | " + " | ".join(values) + " |")
+    over = "captured updates of every attacked run" if several_runs else "captured updates"
+    lines += ["", f"## PSNR (best protocol, dB) per attack, mean over {over}", "",
              "| defense | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
     lines += [f"| {s['defense']} | " + " | ".join(_fmt(s["psnr_best_per_attack"].get(a)) for a in attacks) + " |"
               for s in rows]
-    lines += ["", "## PSNR (best protocol, dB) of the strongest attack per captured update", "",
+    lines += ["", "## PSNR (best protocol, dB) of the strongest attack per captured update"
+              + (", mean over the attacked runs" if several_runs else ""), "",
               "| defense | " + " | ".join(captures) + " |", "|---|" + "---|" * len(captures)]
     lines += [f"| {s['defense']} | " + " | ".join(_fmt(s["psnr_best_per_capture"].get(c)) for c in captures) + " |"
               for s in rows]
@@ -386,8 +417,9 @@ def write_report(results: dict[str, Any], out: str | Path, *, cache: str | Path 
         privacy_utility_plot(dataset, summaries, plot)
         files += [table, plot]
         groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+        first = results["config"]["seeds"][0]  # the grids show the first attacked run's images
         for cell in results["cells"]:
-            if cell["dataset"] == dataset:
+            if cell["dataset"] == dataset and cell.get("seed", first) == first:
                 groups[cell["attack"], cell["round"]].append(cell)
         for (attack, round_), group in groups.items():
             grid = figures / f"grid_{dataset}_{slugify(attack)}_round{round_}.png"

@@ -95,6 +95,34 @@ def test_a_second_invocation_resumes_without_recomputing(quick):
         run_bench(dataclasses.replace(mode_config(MODE), rounds=3, progress=False), quick)
 
 
+def test_further_runs_can_be_attacked_and_leakage_averages_over_every_run(quick, tmp_path):
+    """Seed 1's run is captured and attacked beside the cached seed 0's; the report averages both."""
+    config = dataclasses.replace(mode_config(MODE), defenses=(Spec("none"),), seeds=(0, 1), attack_seeds=2,
+                                 progress=False)
+    seed0 = {p: p.stat().st_mtime_ns for p in (quick / "cells" / "attack" / "pneumoniamnist" / "none").rglob("*.json")}
+    outcome = run_bench(config, quick, report_dir=tmp_path)
+    assert (outcome.trained, outcome.attacked) == (1, 6)  # seed 1's run, captured, and its six cells
+    assert {p: p.stat().st_mtime_ns for p in seed0} == seed0  # the first run's cells are reused as they are
+    results = _results(tmp_path)
+    by_seed = {seed: [c for c in results["cells"] if c["seed"] == seed] for seed in (0, 1)}
+    assert len(by_seed[0]) == len(by_seed[1]) == 6
+    assert all(c["images"].endswith("-seed1.pt") for c in by_seed[1])
+    # Another run's updates: other images, other reconstructions.
+    assert {c["psnr_best"] for c in by_seed[0]}.isdisjoint(c["psnr_best"] for c in by_seed[1])
+    (summary,) = results["defenses"]
+    assert summary["captures"] == 12 and summary["attack_seeds"] == [0, 1]
+    first = {s["defense"]: s for s in _results(quick)["defenses"]}["none"]
+    assert summary["leakage_by_seed"]["0"]["psnr_best"] == pytest.approx(first["leakage"]["psnr_best"])
+    for metric in ("psnr_best", "ssim_best", "lpips_best"):  # six captured updates per run: equal weights
+        assert summary["leakage"][metric] == pytest.approx(
+            np.mean([summary["leakage_by_seed"][s][metric] for s in ("0", "1")]))
+    table = (tmp_path / "table_pneumoniamnist.md").read_text()
+    assert "in the runs of seeds 0, 1" in table and "## Leakage per attacked run" in table
+    assert run_bench(config, quick, report_dir=tmp_path).attacked == 0
+    with pytest.raises(ValueError, match="attack_seeds must lie in 1..2"):
+        dataclasses.replace(config, attack_seeds=3)
+
+
 def test_full_mode_and_its_gpu_size_and_the_cosine_schedule():
     from gradguard.cli import build_parser
     from gradguard.eval.bench import config_from_args
