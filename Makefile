@@ -7,7 +7,7 @@ EXTRAS ?= dev,eval,flower
 SHARED ?= $(abspath ../shared)
 export GRADGUARD_SHARED ?= $(SHARED)
 
-.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-paper proto clean
+.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-paper bench-paper-seeds proto clean
 
 venv: $(STAMP)
 
@@ -46,6 +46,24 @@ bench-paper: $(STAMP)
 		--report-dir bench-out/paper/retinamnist-only & \
 	wait
 	$(PY) -m gradguard.cli bench --full $(BENCH_ARGS) --out bench-out/paper --report-dir benchmarks/results/paper
+
+# The settings that decide the goals over 20 seeds of utility and 3 attacked runs, in the same cache
+# (benchmarks/results/paper-seeds/README.md); about an hour per dataset on a core beyond bench-paper.
+P1  := gradguard:relevance_class=predicted,vulnerability_temperature=1.0
+P1B := $(P1),batch_exponent=0.5
+SEEDS_ARGS := --full --no-progress --seeds 20 --attack-seeds 3 --out bench-out/paper $(BENCH_ARGS)
+bench-paper-seeds: $(STAMP)
+	$(PY) -m gradguard.cli bench $(SEEDS_ARGS) --datasets pneumoniamnist \
+		--report-dir benchmarks/results/paper-seeds/pneumoniamnist --defenses none \
+		$(P1B),noise_amplitude=0.6 $(P1B),noise_amplitude=0.7 $(P1B),noise_amplitude=0.9,amplitude_growth=-1.0 \
+		$(P1) untargeted:batch_exponent=0.5,noise_amplitude=0.6 untargeted:noise_amplitude=0.5 \
+		gaussian:sigma0=0.1 pruning:fraction=0.5 & \
+	$(PY) -m gradguard.cli bench $(SEEDS_ARGS) --datasets retinamnist \
+		--report-dir benchmarks/results/paper-seeds/retinamnist --defenses none \
+		gradguard:mask_floor=0.7,noise_amplitude=0.5 gradguard:mask_floor=0.7 gradguard \
+		untargeted:noise_amplitude=0.5 untargeted:batch_exponent=0.5,noise_amplitude=0.6 \
+		dpsgd:max_grad_norm=5,noise_multiplier=0.1 gaussian:sigma0=0.1 pruning:fraction=0.5 & \
+	wait
 
 bench: bench-step bench-shadow bench-transport
 
