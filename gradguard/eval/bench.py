@@ -6,7 +6,8 @@ For every dataset and defense setting:
    client and round, the defense producing each client's update. The first seed's run (the first
    ``attack_seeds`` seeds' runs) keeps the updates of the attacked clients at the capture rounds
    (early, middle, last), together with the global model of that round and the client's images:
-   what an attacker sees, plus the truth to score it. The final global model is scored on the test split.
+   what an attacker sees, plus the truth to score it. The final global model is scored on the
+   test split.
 2. **attack**: every configured attack on every captured update, by registry name; each
    reconstruction is scored in each of the adaptive attacker's variants (denoised, intensity-
    calibrated; :mod:`gradguard.eval.adaptive`), and the strongest

@@ -5,8 +5,8 @@ How the numbers are aggregated (the tables say it too):
 - Leakage of a defense setting: for every captured update (attacked seed's run, round, client)
   the strongest attack counts, i.e. the one with the highest best-match PSNR (each attack
   already scored as the stronger of its plain and adaptive results); metrics are then averaged
-  over the captured updates of every attacked run. ``best`` is the seed paper's protocol (each reconstruction against its best-matching
-  client image), ``strict`` the one-to-one matching.
+  over the captured updates of every attacked run. ``best`` is the seed paper's protocol (each
+  reconstruction against its best-matching client image), ``strict`` the one-to-one matching.
 - Utility: mean and sample standard deviation over seeds of the final global model's test
   scores; a run is flagged when the model collapsed to (about) one class.
 - Goals: the seed paper's headline gains of GradGuard over no defense (DESIGN.md), and
@@ -261,7 +261,8 @@ def _detail_tables(rows: list[dict[str, Any]], *, several_runs: bool) -> list[st
         ref = next((s for s in rows if s["defense"] == REFERENCE and s["leakage"]), None)
         seeds = sorted({seed for s in rows for seed in s.get("leakage_by_seed", {})}, key=int)
         lines += ["", "## Leakage per attacked run: PSNR best in dB (Δ to no defense), SSIM best, LPIPS best", "",
-                  "| defense | " + " | ".join(f"seed {seed}" for seed in seeds) + " |", "|---|" + "---|" * len(seeds)]
+                  "| defense | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+                  "|---|" + "---|" * len(seeds)]
         for s in rows:
             values = []
             for seed in seeds:
