@@ -248,17 +248,16 @@ def markdown_table(dataset: str, summaries: list[dict[str, Any]], config: dict[s
         lines += ["", "*mean image*: the attacker's own data's mean image (the validation split), scored against "
                       "the same clients; it needs no update, so leakage at or below it reveals nothing beyond "
                       "the data distribution."]
-    lines += _detail_tables(rows, several_runs=len(attacked) > 1)
+    lines += _detail_tables(rows, ref, several_runs=len(attacked) > 1)
     lines += _verdicts(dataset, rows, ref)
     return "\n".join(lines) + "\n"
 
 
-def _detail_tables(rows: list[dict[str, Any]], *, several_runs: bool) -> list[str]:
+def _detail_tables(rows: list[dict[str, Any]], ref: dict[str, Any] | None, *, several_runs: bool) -> list[str]:
     attacks = sorted({a for s in rows for a in s["psnr_best_per_attack"]})
     captures = list(dict.fromkeys(k for s in rows for k in s["psnr_best_per_capture"]))
     lines: list[str] = []
     if several_runs:
-        ref = next((s for s in rows if s["defense"] == REFERENCE and s["leakage"]), None)
         seeds = sorted({seed for s in rows for seed in s.get("leakage_by_seed", {})}, key=int)
         lines += ["", "## Leakage per attacked run: PSNR best in dB (Δ to no defense), SSIM best, LPIPS best", "",
                   "| defense | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
@@ -266,7 +265,7 @@ def _detail_tables(rows: list[dict[str, Any]], *, several_runs: bool) -> list[st
         for s in rows:
             values = []
             for seed in seeds:
-                leak, base = s.get("leakage_by_seed", {}).get(seed), ref and ref["leakage_by_seed"].get(seed)
+                leak, base = s.get("leakage_by_seed", {}).get(seed), ref and ref.get("leakage_by_seed", {}).get(seed)
                 values.append("–" if leak is None else f"{leak['psnr_best']:.2f}"
                               + _delta(leak["psnr_best"], base and base["psnr_best"], "+.2f")
                               + f" / {leak['ssim_best']:.3f} / {leak['lpips_best']:.3f}")
