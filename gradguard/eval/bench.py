@@ -549,7 +549,8 @@ class _Runner:
             path = layout.train(name, defense, seed)
             capture = seed in config.seeds_attacked
             needed = {round_ for round_ in config.rounds_attacked for client in targets for attack in config.attacks
-                      if capture and not layout.attack(name, defense, attack, round_, client, seed=seed).is_file()}
+                      if not layout.attack(name, defense, attack, round_, client, seed=seed).is_file()
+                      } if capture else set()
             lost = any(not layout.capture(name, defense, r, seed=seed).is_file() for r in needed)
             if not path.is_file() or lost:
                 self.bar.set_postfix_str(f"{name} {defense.label} train seed {seed}")

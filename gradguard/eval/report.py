@@ -62,11 +62,10 @@ def _mean_sd(values: list[float]) -> tuple[float, float | None]:
 
 def strongest_cells(cells: Iterable[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """Per (dataset, defense): for each captured update (seed, round, client) the cell of the
-    strongest attack, ordered by seed, round and client. A cell without a seed is the first
-    attacked run's."""
+    strongest attack, ordered by seed, round and client."""
     best: dict[tuple[str, str, int, int, str], dict[str, Any]] = {}
     for cell in cells:
-        key = (cell["dataset"], cell["defense"], cell.get("seed", 0), cell["round"], cell["client"])
+        key = (cell["dataset"], cell["defense"], cell["seed"], cell["round"], cell["client"])
         if key not in best or cell["psnr_best"] > best[key]["psnr_best"]:
             best[key] = cell
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -100,14 +99,14 @@ def summarize(runs: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[d
         summary["majority_accuracy"] = group[0]["majority_accuracy"]
         chosen = strongest.get((dataset, defense), [])
         summary["captures"] = len(chosen)
-        summary["attack_seeds"] = sorted({c.get("seed", 0) for c in chosen})
+        summary["attack_seeds"] = sorted({c["seed"] for c in chosen})
         summary["leakage"] = _mean_leakage(chosen) if chosen else None
         # Per attacked client too: a client whose undefended update already leaks nothing beyond the
         # mean image dilutes the average, so the goals are also checked client by client.
         summary["leakage_by_client"] = {client: _mean_leakage([c for c in chosen if c["client"] == client])
                                         for client in sorted({c["client"] for c in chosen})}
         # Per attacked run: how much the figures depend on which run (which images) is attacked.
-        summary["leakage_by_seed"] = {str(seed): _mean_leakage([c for c in chosen if c.get("seed", 0) == seed])
+        summary["leakage_by_seed"] = {str(seed): _mean_leakage([c for c in chosen if c["seed"] == seed])
                                       for seed in summary["attack_seeds"]}
         summary["mean_image_psnr_by_client"] = {
             client: float(np.mean([c["mean_image"]["psnr_best"] for c in chosen if c["client"] == client]))
@@ -203,7 +202,7 @@ def markdown_table(dataset: str, summaries: list[dict[str, Any]], config: dict[s
     rows = [s for s in summaries if s["dataset"] == dataset]
     ref = _reference(summaries, dataset)
     ref_leak = ref["leakage"] if ref and ref["leakage"] else None
-    attacked = sorted({seed for s in rows for seed in s.get("attack_seeds", [])})
+    attacked = sorted({seed for s in rows for seed in s["attack_seeds"]})
     lines = [
         f"# {dataset}: leakage and utility per defense setting", "",
         f"Model {config['model']}" + (f" (width {config['width']})" if config["model"] == "smallcnn" else "")
@@ -258,14 +257,14 @@ def _detail_tables(rows: list[dict[str, Any]], ref: dict[str, Any] | None, *, se
     captures = list(dict.fromkeys(k for s in rows for k in s["psnr_best_per_capture"]))
     lines: list[str] = []
     if several_runs:
-        seeds = sorted({seed for s in rows for seed in s.get("leakage_by_seed", {})}, key=int)
+        seeds = sorted({seed for s in rows for seed in s["leakage_by_seed"]}, key=int)
         lines += ["", "## Leakage per attacked run: PSNR best in dB (Δ to no defense), SSIM best, LPIPS best", "",
                   "| defense | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
                   "|---|" + "---|" * len(seeds)]
         for s in rows:
             values = []
             for seed in seeds:
-                leak, base = s.get("leakage_by_seed", {}).get(seed), ref and ref.get("leakage_by_seed", {}).get(seed)
+                leak, base = s["leakage_by_seed"].get(seed), ref and ref["leakage_by_seed"].get(seed)
                 values.append("–" if leak is None else f"{leak['psnr_best']:.2f}"
                               + _delta(leak["psnr_best"], base and base["psnr_best"], "+.2f")
                               + f" / {leak['ssim_best']:.3f} / {leak['lpips_best']:.3f}")
@@ -419,7 +418,7 @@ def write_report(results: dict[str, Any], out: str | Path, *, cache: str | Path 
         groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
         first = results["config"]["seeds"][0]  # the grids show the first attacked run's images
         for cell in results["cells"]:
-            if cell["dataset"] == dataset and cell.get("seed", first) == first:
+            if cell["dataset"] == dataset and cell["seed"] == first:
                 groups[cell["attack"], cell["round"]].append(cell)
         for (attack, round_), group in groups.items():
             grid = figures / f"grid_{dataset}_{slugify(attack)}_round{round_}.png"
