@@ -26,6 +26,12 @@ class GuardConfig:
             down as 1/sqrt(B): 0.5 keeps each image's signal-to-noise ratio in the update about
             the same whatever the batch, and spends the noise on small batches, the ones attacks
             invert. 0 (the default) noises every batch alike.
+        update_exponent: the same rule one level up: a client whose shared update covers N images
+            (``wrap(..., dataset_size=N)``) noises them at w_t * N^(-update_exponent), on top of the
+            batch rule. Over several local steps each image's share of the update is 1/N and
+            the N noises add up as sqrt(N), so 0.5 keeps each image's signal-to-noise ratio in
+            the update about the same whatever N, and spends the noise on the clients that
+            share few images. 0 (the default) ignores N.
         noise_kind: "gaussian"/"uniform" draw fresh white noise shaped by the mask at every step;
             "smooth" draws Gaussian noise low-passed over ``noise_smoothness`` pixels (a denoising
             attacker cannot strip it); "mask" adds the mask itself (deterministic, sample-specific).
@@ -83,6 +89,7 @@ class GuardConfig:
     noise_amplitude: float = 0.3
     amplitude_growth: float = 0.0
     batch_exponent: float = 0.0
+    update_exponent: float = 0.0
     noise_kind: NoiseKind = "smooth"
     noise_smoothness: float = 1.5
     total_rounds: int = 100
@@ -119,6 +126,7 @@ class GuardConfig:
         checks = {
             "noise_amplitude": self.noise_amplitude >= 0,
             "batch_exponent": self.batch_exponent >= 0,
+            "update_exponent": self.update_exponent >= 0,
             "noise_smoothness": self.noise_smoothness > 0,
             "total_rounds": self.total_rounds >= 1,
             "refresh_every": self.refresh_every >= 1,

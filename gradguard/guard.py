@@ -8,7 +8,8 @@ Two lines protect an existing model and optimizer; the training loop stays as it
     update = guard.protected_update()    # what the client shares
 
 Per training forward, a pre-hook replaces each input x_i by x_i + w_t s_i M_i * noise_i (w_t
-scaled down for larger batches when batch_exponent > 0), where
+scaled down for larger batches when batch_exponent > 0 and for clients that share more images
+when update_exponent > 0), where
 s_i = max|x_i| and M_i is sample i's mask. Masks are computed when a sample is first seen and
 for the whole batch every ``refresh_every`` steps, from the shadow's vulnerability map and the
 global model's relevance map, and smoothed across refreshes.
@@ -103,6 +104,7 @@ class GradGuard:
         self._global_copy: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._dp: HybridDP | None = None
+        self._update_images = 1  # N of update_exponent: the images the shared update covers
         self._accountant: object | None = None  # kept across rounds: epsilon accumulates
         self._state = _RoundState()
         self._pending_ids: list[str] | None = None
@@ -120,19 +122,25 @@ class GradGuard:
         Without hybrid DP these are the same objects, protected in place. Wrapping again (the
         same guard or a new one, e.g. every FL round) first removes the previous guard's hooks;
         a new guard takes over the previous one's masks and shadow so they keep smoothing.
-        ``batch_size`` and ``dataset_size`` are needed only for hybrid DP's accountant.
+        ``dataset_size`` (the images this client trains on per round) is needed by
+        ``update_exponent`` and, with ``batch_size``, by hybrid DP's accountant.
         """
+        cfg = self.config
+        if cfg.update_exponent > 0:
+            if dataset_size is None or dataset_size < 1:
+                raise ValueError(f"update_exponent={cfg.update_exponent} scales the noise by the number of images "
+                                 f"the update covers: pass wrap(..., dataset_size=N) with N >= 1, got {dataset_size}")
         previous = _GUARDS.get(model)
         if previous is not None:
             previous.cleanup()
             if previous is not self:
                 self.masks, self.shadow, self.round = previous.masks, previous.shadow, previous.round
                 self._accountant = previous._accountant
+        self._update_images = dataset_size if cfg.update_exponent > 0 else 1
         self._model, self._optimizer = model, optimizer
         self._device = self._device or next(model.parameters()).device
         # Copied now, before any hook is attached; each round loads the global weights into it.
         self._global_copy = _strip_hooks(model).eval()
-        cfg = self.config
         if cfg.shadow != "none":
             final_linear(model)
         if cfg.relevance_method in ("gradcam", "guided_gradcam"):
@@ -294,8 +302,12 @@ class GradGuard:
         return white
 
     def noised(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x + w_t B^(-batch_exponent) max|x| M (noise), B = len(images): the training hook's rule."""
-        amplitude = mk.batch_amplitude(self._schedules()[0], len(images), exponent=self.config.batch_exponent)
+        """x + w_t B^(-batch_exponent) N^(-update_exponent) max|x| M (noise), B = len(images), N the
+        images of the update: the training hook's rule."""
+        cfg = self.config
+        amplitude = mk.averaged_amplitude(
+            mk.averaged_amplitude(self._schedules()[0], len(images), exponent=cfg.batch_exponent),
+            self._update_images, exponent=cfg.update_exponent)
         scale = images.detach().flatten(1).abs().amax(dim=1).view(-1, 1, 1, 1)
         return images + amplitude * scale * mask * self._noise_like(images)
 

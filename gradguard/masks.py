@@ -77,11 +77,12 @@ def noise_amplitude(t: int, total: int, *, base: float, growth: float) -> float:
     return base * math.exp(growth * t / total)
 
 
-def batch_amplitude(amplitude: float, batch_size: int, *, exponent: float) -> float:
-    """w_t B^(-exponent): the amplitude for a step that averages the gradients of B images."""
-    if batch_size < 1:
-        raise ValueError(f"a batch has at least one image, got {batch_size}")
-    return amplitude * batch_size ** -exponent
+def averaged_amplitude(amplitude: float, images: int, *, exponent: float) -> float:
+    """w_t n^(-exponent): the amplitude for images whose gradients are averaged n at a time
+    (n = a step's batch, or all the images a shared update covers)."""
+    if images < 1:
+        raise ValueError(f"an average covers at least one image, got {images}")
+    return amplitude * images ** -exponent
 
 
 def combine(vulnerability: torch.Tensor, relevance: torch.Tensor, *, weight: float,

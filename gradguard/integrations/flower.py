@@ -131,14 +131,16 @@ class GuardedRound:
 
 
 def guarded_round(model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainStep, *, config: GuardConfig,
-                  client_id: str, round: int, state: bytes | None = None) -> GuardedRound:
+                  client_id: str, round: int, state: bytes | None = None,
+                  dataset_size: int | None = None) -> GuardedRound:
     """Train ``model`` (holding the global weights) for one round under GradGuard.
 
     This is the ClientApp's training step without Flower around it (the equality test runs it
     over our own gRPC aggregator). ``state`` is the previous round's :attr:`GuardedRound.state`
     (None in a client's first round): masks and shadow carry over, the noise seed is derived
     from ``config.seed``, ``client_id`` and ``round`` so every client and round draws fresh,
-    reproducible noise.
+    reproducible noise. ``dataset_size``, the images the round trains on, is needed by
+    ``config.update_exponent``.
     """
     if config.update_kind != "delta":
         raise ValueError("Flower strategies average model weights, so a Flower client shares weight deltas; "
@@ -154,7 +156,7 @@ def guarded_round(model: nn.Module, optimizer: torch.optim.Optimizer, train: Tra
     if state is not None:
         _restore_guard(guard, state, next(model.parameters()).device)
     guard.begin_round(round)
-    train_model, train_optimizer = guard.wrap(model, optimizer)
+    train_model, train_optimizer = guard.wrap(model, optimizer, dataset_size=dataset_size)
     try:
         metrics = train(train_model, train_optimizer, guard) or {}
         update = guard.protected_update()
@@ -194,7 +196,8 @@ def _single_arrays(content: RecordDict) -> ArrayRecord:
 
 
 def guarded_client_app(train_fn: TrainFn, *, model_fn: ModelFn, optimizer_fn: OptimizerFn,
-                       config: GuardConfig | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
+                       config: GuardConfig | None = None, mods: Sequence[Mod] = (),
+                       dataset_size_fn: Callable[[Context], int] | None = None) -> ClientApp:
     """A ClientApp whose train handler runs ``train_fn`` on a GradGuard-wrapped model.
 
     Per train message: ``model_fn(context)`` builds the model, the global weights are loaded
@@ -208,7 +211,8 @@ def guarded_client_app(train_fn: TrainFn, *, model_fn: ModelFn, optimizer_fn: Op
     was started with ``--node-config 'gradguard-seed=<int>'`` (reproducible experiments only:
     whoever knows the seed can redraw the noise). Register evaluation on the returned
     app with ``@app.evaluate()`` as usual; ``mods`` apply to every handler, e.g.
-    ``[gradguard_mod, fixedclipping_mod]`` (the first is the outermost).
+    ``[gradguard_mod, fixedclipping_mod]`` (the first is the outermost). ``dataset_size_fn(context)``
+    gives the number of images a round trains on, for ``update_exponent``.
     """
     app = ClientApp(mods=list(mods))
 
@@ -231,7 +235,8 @@ def guarded_client_app(train_fn: TrainFn, *, model_fn: ModelFn, optimizer_fn: Op
             model, optimizer, lambda m, o, g: train_fn(m, o, g, context), config=settings,
             client_id=node_client_id(context),
             round=server_round - 1,  # Flower counts rounds from 1, GradGuard's schedules from 0
-            state=stored["state"] if stored is not None else None)
+            state=stored["state"] if stored is not None else None,
+            dataset_size=dataset_size_fn(context) if dataset_size_fn is not None else None)
         context.state[STATE_KEY] = ConfigRecord({"seed": settings.seed, "state": result.state})
         array_key = next(iter(msg.content.array_records))
         return Message(RecordDict({

@@ -78,6 +78,31 @@ def test_batch_exponent_spends_the_noise_on_small_batches(chest_batch):
         torch.testing.assert_close(ratio, torch.full_like(ratio, expected))
 
 
+def test_update_exponent_spends_the_noise_on_clients_that_share_few_images(chest_batch):
+    images, labels = chest_batch
+    model = SmallCNN(1, 2, width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = GuardConfig(noise_amplitude=0.4, noise_kind="mask", batch_exponent=0.5, update_exponent=0.5, seed=0)
+    seen = []
+    model.features[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    model.train()
+    # w B^-0.5 N^-0.5: the batch rule and the update rule multiply
+    for batch_size, dataset_size, expected in ((1, 1, 0.4), (4, 4, 0.4 / 4), (1, 16, 0.4 / 4), (4, 64, 0.4 / 16)):
+        guard = GradGuard(config)
+        guard.wrap(model, optimizer, dataset_size=dataset_size)
+        batch = images[:batch_size]
+        model(batch)
+        added = seen[-1] - batch
+        ratio = added.flatten(1).pow(2).mean(1).sqrt() / batch.flatten(1).abs().amax(1)
+        torch.testing.assert_close(ratio, torch.full_like(ratio, expected))
+    # Without N the rule cannot apply: a clear error, and the guard already installed keeps working.
+    with pytest.raises(ValueError, match="dataset_size"):
+        GradGuard(config).wrap(model, optimizer)
+    assert _GUARDS[model] is guard and len(model._forward_pre_hooks) == 1
+    train(model, optimizer, images, labels, steps=1)
+    assert guard.protected_update().num_steps == 1
+
+
 def test_rewrapping_is_safe_and_cleanup_removes_every_hook(chest_batch):
     images, labels = chest_batch
     model = SmallCNN(1, 2, width=8)

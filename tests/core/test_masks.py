@@ -61,10 +61,10 @@ def test_schedules_follow_the_paper():
     assert mk.relevance_weight(30, 100, low=0.1, high=0.5) == pytest.approx(0.3)
     assert mk.relevance_weight(90, 100, low=0.1, high=0.5) == 0.5
     assert mk.noise_amplitude(100, 100, base=0.19, growth=1.0) == pytest.approx(0.19 * math.e)
-    assert mk.batch_amplitude(0.6, 4, exponent=0.5) == pytest.approx(0.3)
-    assert mk.batch_amplitude(0.6, 8, exponent=0.0) == 0.6
+    assert mk.averaged_amplitude(0.6, 4, exponent=0.5) == pytest.approx(0.3)
+    assert mk.averaged_amplitude(0.6, 8, exponent=0.0) == 0.6
     with pytest.raises(ValueError, match="at least one image"):
-        mk.batch_amplitude(0.6, 0, exponent=0.5)
+        mk.averaged_amplitude(0.6, 0, exponent=0.5)
 
 
 def test_store_smooths_with_momentum():

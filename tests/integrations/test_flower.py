@@ -123,6 +123,27 @@ def test_client_reply_is_global_plus_the_guarded_round_delta_and_state_carries_o
                               fresh.content["arrays"]["fc.weight"].numpy())
 
 
+def test_update_exponent_takes_the_round_size_from_dataset_size_fn():
+    run = {**RUN, "gradguard.update-exponent": 0.5}
+    sent, context = initial_arrays(), node(0, run, seed=11)
+    app = guarded_client_app(tiny_train, model_fn=lambda context: TinyNet(),
+                             optimizer_fn=lambda model, context: torch.optim.SGD(model.parameters(), lr=0.1),
+                             dataset_size_fn=lambda context: len(IMAGES))
+    reply = app(train_message(sent, 1), context)
+    assert not reply.has_error(), reply.error
+    model = TinyNet()
+    model.load_state_dict(sent.to_torch_state_dict())
+    reference = guarded_round(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              lambda m, o, g: tiny_train(m, o, g, context), config=guard_config(run).with_(seed=11),
+                              client_id="partition-0", round=0, dataset_size=len(IMAGES))
+    expected = sent["fc.weight"].numpy() + reference.update.tensors["fc.weight"].numpy()
+    np.testing.assert_array_equal(reply.content["arrays"]["fc.weight"].numpy(), expected)
+    with pytest.raises(ValueError, match="dataset_size"):  # the rule needs N: a clear error, no silent default
+        guarded_round(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                      lambda m, o, g: tiny_train(m, o, g, context), config=guard_config(run).with_(seed=11),
+                      client_id="partition-0", round=0)
+
+
 def test_without_a_configured_seed_each_node_keeps_its_own_secret_seed():
     contexts = [node(0, RUN), node(1, RUN)]
     for context in contexts:
