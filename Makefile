@@ -7,7 +7,7 @@ EXTRAS ?= dev,eval,flower
 SHARED ?= $(abspath ../shared)
 export GRADGUARD_SHARED ?= $(SHARED)
 
-.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-paper bench-paper-seeds proto clean
+.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-paper bench-paper-seeds bench-mid-clients proto clean
 
 venv: $(STAMP)
 
@@ -55,15 +55,27 @@ SEEDS_ARGS := --full --no-progress --seeds 20 --attack-seeds 3 --out bench-out/p
 bench-paper-seeds: $(STAMP)
 	$(PY) -m gradguard.cli bench $(SEEDS_ARGS) --datasets pneumoniamnist \
 		--report-dir benchmarks/results/paper-seeds/pneumoniamnist --defenses none \
+		$(P1),update_exponent=0.5,noise_amplitude=0.9 untargeted:update_exponent=0.5,noise_amplitude=0.9 \
 		$(P1B),noise_amplitude=0.6 $(P1B),noise_amplitude=0.7 $(P1B),noise_amplitude=0.9,amplitude_growth=-1.0 \
 		$(P1) untargeted:batch_exponent=0.5,noise_amplitude=0.6 untargeted:noise_amplitude=0.5 \
 		gaussian:sigma0=0.1 pruning:fraction=0.5 & \
 	$(PY) -m gradguard.cli bench $(SEEDS_ARGS) --datasets retinamnist \
 		--report-dir benchmarks/results/paper-seeds/retinamnist --defenses none \
+		gradguard:mask_floor=0.7,update_exponent=0.5,noise_amplitude=1.0 untargeted:update_exponent=0.5,noise_amplitude=1.0 \
 		gradguard:mask_floor=0.7,noise_amplitude=0.5 gradguard:mask_floor=0.7 gradguard \
 		untargeted:noise_amplitude=0.5 untargeted:batch_exponent=0.5,noise_amplitude=0.6 \
 		dpsgd:max_grad_norm=5,noise_multiplier=0.1 gaussian:sigma0=0.1 pruning:fraction=0.5 & \
 	wait
+
+# Session 8's check of the clients update_exponent leaves almost clean: clients 2 and 6 (16 images
+# each, 4 and 2 local steps) attacked with and without the presets, seed 0.
+MID_ARGS := --full --no-progress --seeds 1 --clients client2 client6 --out bench-out/mid-clients $(BENCH_ARGS)
+bench-mid-clients: $(STAMP)
+	$(PY) -m gradguard.cli bench $(MID_ARGS) --datasets pneumoniamnist \
+		--report-dir benchmarks/results/mid-clients/pneumoniamnist --defenses none $(P1),update_exponent=0.5,noise_amplitude=0.9
+	$(PY) -m gradguard.cli bench $(MID_ARGS) --datasets retinamnist \
+		--report-dir benchmarks/results/mid-clients/retinamnist --defenses none \
+		gradguard:mask_floor=0.7,update_exponent=0.5,noise_amplitude=1.0
 
 bench: bench-step bench-shadow bench-transport
 

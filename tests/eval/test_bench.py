@@ -130,7 +130,7 @@ def test_full_mode_and_its_gpu_size_and_the_cosine_schedule():
     def parse(*argv):
         return config_from_args(build_parser(["bench", *argv]).parse_args(["bench", *argv, "--device", "cpu"]))
     full, large = parse("--full"), parse("--full", "--large", "--seeds", "1")
-    assert (full.model, full.image_size, full.seeds, len(full.defenses)) == ("smallcnn", 32, (0, 1, 2, 3, 4), 26)
+    assert (full.model, full.image_size, full.seeds, len(full.defenses)) == ("smallcnn", 32, (0, 1, 2, 3, 4), 28)
     assert (large.model, large.image_size, large.rounds, large.seeds) == ("resnet18", 64, 40, (0,))
     assert large.defenses == full.defenses and {a.name for a in large.attacks} == {"inverting_gradients", "dlg",
                                                                                   "bn_fedavg", "learned_decoder"}
@@ -142,9 +142,9 @@ def test_the_modality_presets_are_the_settings_the_full_benchmark_measured():
     from gradguard import GuardConfig
 
     measured = {spec.label: spec for spec in mode_config("full").defenses if spec.name == "gradguard"}
-    for preset, label in (("chest_xray", "gradguard(batch_exponent=0.5,noise_amplitude=0.6,relevance_class=predicted,"
+    for preset, label in (("chest_xray", "gradguard(noise_amplitude=0.9,relevance_class=predicted,update_exponent=0.5,"
                                          "vulnerability_temperature=1.0)"),
-                          ("fundus", "gradguard(mask_floor=0.7,noise_amplitude=0.5)")):
+                          ("fundus", "gradguard(mask_floor=0.7,noise_amplitude=1.0,update_exponent=0.5)")):
         assert GuardConfig.preset(preset) == GuardConfig.preset("default", **measured[label].params)
 
 
