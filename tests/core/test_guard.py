@@ -21,6 +21,11 @@ def train(model, optimizer, images, labels, steps=3, batch=4):
         optimizer.step()
 
 
+def added_rms_ratio(noised, clean):
+    """Per image: RMS of the added noise over max|x|, the amplitude the guard's rule sets."""
+    return (noised - clean).flatten(1).pow(2).mean(1).sqrt() / clean.flatten(1).abs().amax(1)
+
+
 def test_two_line_quickstart(chest_batch):
     images, labels = chest_batch
     model = SmallCNN(1, 2, width=8)
@@ -73,8 +78,7 @@ def test_batch_exponent_spends_the_noise_on_small_batches(chest_batch):
     model.train()
     for batch, expected in ((images[:1], 0.4), (images[:4], 0.4 / 2), (images[:16], 0.4 / 4)):
         model(batch)
-        added = seen[-1] - batch
-        ratio = added.flatten(1).pow(2).mean(1).sqrt() / batch.flatten(1).abs().amax(1)
+        ratio = added_rms_ratio(seen[-1], batch)
         torch.testing.assert_close(ratio, torch.full_like(ratio, expected))
 
 
@@ -92,8 +96,7 @@ def test_update_exponent_spends_the_noise_on_clients_that_share_few_images(chest
         guard.wrap(model, optimizer, dataset_size=dataset_size)
         batch = images[:batch_size]
         model(batch)
-        added = seen[-1] - batch
-        ratio = added.flatten(1).pow(2).mean(1).sqrt() / batch.flatten(1).abs().amax(1)
+        ratio = added_rms_ratio(seen[-1], batch)
         torch.testing.assert_close(ratio, torch.full_like(ratio, expected))
     # Without N the rule cannot apply: a clear error, and the guard already installed keeps working.
     with pytest.raises(ValueError, match="dataset_size"):
