@@ -195,3 +195,65 @@ def utility(y_true: Tensor | np.ndarray, y_pred: Tensor | np.ndarray, num_classe
     per_class = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
     micro = 2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum())
     return {"accuracy": float(tp.sum() / true.size), "micro_f1": float(micro), "macro_f1": float(per_class.mean())}
+
+
+# ---------------------------------------------------------------------------- the attacker's prior
+def prior_guesses(public: Tensor, public_labels: Tensor, labels: Tensor, *, num_classes: int) -> dict[str, Tensor]:
+    """The best guesses an attacker makes without any update, one image per reconstruction.
+
+    ``public`` [M, C, H, W] are the attacker's own images of the same modality (``public_labels``
+    [M] their classes), ``labels`` [R] the classes the attack recovered for its R images (iDLG).
+    ``"mean"`` is R copies of the public mean image; ``"class_mean"`` gives each reconstruction
+    the mean public image of its recovered class (the overall mean where a class has no public
+    image).
+    """
+    if public.ndim != 4 or public_labels.shape != (len(public),):
+        raise ValueError(f"public must be [M, C, H, W] with labels [M], got {tuple(public.shape)} and "
+                         f"{tuple(public_labels.shape)}")
+    mean = public.mean(dim=0)
+    means = torch.stack([public[public_labels == c].mean(dim=0) if bool((public_labels == c).any()) else mean
+                         for c in range(num_classes)])
+    labels = labels.long().clamp(0, num_classes - 1)
+    return {"mean": mean.expand(len(labels), *mean.shape).clone(), "class_mean": means[labels]}
+
+
+def strongest_prior(scores: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
+    """The prior guess that scores best, metric by metric (highest PSNR and SSIM, lowest LPIPS),
+    and the name of the one with the highest PSNR. ``scores`` maps guess name -> :func:`leakage`."""
+    if not scores:
+        raise ValueError("no prior guess was scored")
+    best: dict[str, float] = {}
+    for key in next(iter(scores.values())):
+        values = [s[key] for s in scores.values()]
+        best[key] = min(values) if key.startswith("lpips") else max(values)
+    return max(scores, key=lambda name: scores[name]["psnr_best"]), best
+
+
+def above_prior(attack: dict[str, float], prior: dict[str, float], *, protocol: Protocol = "best") -> dict[str, float]:
+    """Leakage above the attacker's prior: the attack's PSNR and SSIM minus the prior's, and the
+    prior's LPIPS minus the attack's (so for every metric, > 0 means the update told the attacker
+    more than the guess it could make without it)."""
+    return {"psnr": attack[f"psnr_{protocol}"] - prior[f"psnr_{protocol}"],
+            "ssim": attack[f"ssim_{protocol}"] - prior[f"ssim_{protocol}"],
+            "lpips": prior[f"lpips_{protocol}"] - attack[f"lpips_{protocol}"]}
+
+
+def reidentification(reconstructions: Tensor, originals: Tensor, distractors: Tensor) -> float:
+    """The fraction of the client's images that a reconstruction re-identifies, by SSIM.
+
+    Reconstructions and the client's ``originals`` are paired one to one by the assignment that
+    maximises total PSNR (the ``strict`` protocol); a pair counts when the reconstruction's
+    nearest neighbour by SSIM in the gallery (``originals`` plus ``distractors``, images of the same
+    split that the client does not hold) is its own original. Chance is
+    :func:`reidentification_chance`.
+    """
+    recon, true = _as_batch(reconstructions, "reconstructions"), _as_batch(originals, "originals")
+    gallery = torch.cat([true, _as_batch(distractors, "distractors")])
+    rows, cols = linear_sum_assignment(pairwise_psnr(recon, true).numpy(), maximize=True)
+    similarity = pairwise_ssim(recon[rows], gallery)
+    return float((similarity.argmax(dim=1) == torch.as_tensor(cols)).float().mean())
+
+
+def reidentification_chance(originals: int, distractors: int) -> float:
+    """A guess's chance of naming the right image of a gallery of ``originals + distractors``."""
+    return 1.0 / (originals + distractors)

@@ -1,0 +1,114 @@
+"""`gradguard bench`: the command line of the benchmark."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import time
+from typing import Any
+
+import torch
+
+from gradguard.eval.attacks import ATTACKS
+from gradguard.eval.bench.cache import RunMismatchError
+from gradguard.eval.bench.runner import run_bench
+from gradguard.eval.bench.spec import BenchConfig, Spec, _specs, large, mode_config
+from gradguard.eval.datasets import DatasetError
+from gradguard.eval.defenses import DEFENSES
+
+def _auto_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"gradguard bench: --device {name} asked for CUDA, but torch sees no GPU; use --device cpu")
+    return name
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The mode's preset with every option the user gave applied on top."""
+    config = mode_config(args.mode)
+    if args.large:
+        config = large(config)
+    changes: dict[str, Any] = {"device": _auto_device(args.device), "progress": not args.no_progress}
+    for option in ("datasets", "image_size", "model", "width", "scale", "distribution", "rounds", "lr", "lr_schedule",
+                   "capture_rounds", "clients"):
+        value = getattr(args, option)
+        if value is not None:
+            changes[option] = tuple(value) if isinstance(value, list) else value
+    if args.defenses is not None:
+        changes["defenses"] = _specs(*args.defenses)
+    attacks = _specs(*args.attacks) if args.attacks is not None else config.attacks
+    if args.attack_iterations is not None:
+        attacks = tuple(Spec(a.name, {**a.params, "iterations": args.attack_iterations}) for a in attacks)
+    changes["attacks"] = attacks
+    if args.seed is not None or args.seeds is not None:
+        first = args.seed if args.seed is not None else config.seeds[0]
+        changes["seeds"] = tuple(range(first, first + (args.seeds or len(config.seeds))))
+    if args.attack_seeds is not None:
+        changes["attack_seeds"] = args.attack_seeds
+    return dataclasses.replace(config, **changes)
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except (ValueError, KeyError) as err:
+        raise SystemExit(f"gradguard bench: {err}") from None
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    try:
+        outcome = run_bench(config, args.out, report_dir=args.report_dir,
+                            command="gradguard " + shlex.join(getattr(args, "argv", ["bench"])))
+    except (DatasetError, RunMismatchError) as err:  # the message names the file or settings and the fix
+        raise SystemExit(f"gradguard bench: {err}") from None
+    print(f"gradguard bench: {outcome.trained} training runs and {outcome.attacked} attack cells computed "
+          f"in {time.perf_counter() - start:.0f} s; results in {outcome.results}")
+    for path in outcome.files:
+        print(f"  {path}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="run the evaluation protocol: FedAvg, defenses, attacks, leakage and utility",
+        description="Run the evaluation protocol end to end, resumable." + " Options left out take the mode's values "
+                    "(see gradguard.eval.bench.mode_config).")
+    modes = parser.add_mutually_exclusive_group()
+    for mode, text in (("smoke", "the test's plumbing check (about a minute)"),
+                       ("quick", "every defense, small (the default; < 10 min on 2 CPU cores)"),
+                       ("full", "both datasets, 28 defense settings, 3 attacks, 5 seeds (about 160 minutes per "
+                                "dataset on a CPU core)")):
+        modes.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode, help=text)
+    parser.set_defaults(mode="quick", func=_main)
+    parser.add_argument("--large", action="store_true",
+                        help="the GPU size: ResNet-18 at 64 px, 0.75 of the layout, 40 rounds, full-size attacks")
+    parser.add_argument("--out", default="bench-out", help="results and cache directory; a rerun resumes it")
+    parser.add_argument("--report-dir", help="write results.json, tables and figures here instead of --out "
+                                             "(the cache of cells and captured updates stays in --out)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--seed", type=int, help="first seed")
+    parser.add_argument("--seeds", type=int, help="number of seeds (utility is averaged over them)")
+    parser.add_argument("--attack-seeds", type=int, metavar="N",
+                        help="attack the runs of the first N seeds (default 1); leakage is averaged over all "
+                             "their captured updates")
+    parser.add_argument("--datasets", nargs="+", metavar="NAME")
+    parser.add_argument("--defenses", nargs="+", metavar="SPEC",
+                        help=f"name or name:key=value,...; registered: {', '.join(sorted(DEFENSES))}")
+    parser.add_argument("--attacks", nargs="+", metavar="SPEC",
+                        help=f"name or name:key=value,...; registered: {', '.join(sorted(ATTACKS))}")
+    parser.add_argument("--attack-iterations", type=int, help="iterations of every attack")
+    parser.add_argument("--model", choices=("smallcnn", "resnet18"))
+    parser.add_argument("--width", type=int, help="SmallCNN width")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--scale", type=float, help="fraction of the 9-client layout's dataset sizes")
+    parser.add_argument("--distribution", choices=("iid", "dirichlet"))
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--lr", type=float, help="clients' SGD learning rate")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), help="learning rate over the rounds")
+    parser.add_argument("--capture-rounds", type=int, nargs="+", metavar="T", help="rounds attacked (1-based)")
+    parser.add_argument("--clients", nargs="+", metavar="ID", help="attacked client ids, e.g. client9 client1")
+    # The models and batches are small: one thread per process is as fast, and on a shared
+    # machine several threads contend for busy cores (IG measured at 40 vs ~1 step/s).
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
