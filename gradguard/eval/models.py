@@ -1,4 +1,4 @@
-"""Models of the evaluation protocol: a small CNN with BatchNorm for CPU runs, ResNet-18."""
+"""Models of the evaluation protocol: a leaky conv net and a small CNN with BatchNorm for CPU runs, ResNet-18."""
 from __future__ import annotations
 
 from typing import Literal
@@ -38,6 +38,29 @@ class SmallCNN(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
+class ConvNet(nn.Module):
+    """Three 3x3 conv layers (stride 1, ReLU, no normalisation) and a Linear head on the full map.
+
+    No pooling bottleneck: the head's gradient keeps every spatial position of the last
+    feature map, so an update of this model leaks its images (the CPU victim of the leakage
+    benchmark, in the spirit of the ConvNet of Geiping et al., "Inverting Gradients", NeurIPS 2020).
+    ``features`` is the last conv block, the layer Grad-CAM reads.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, *, width: int = 16, image_size: int = 32):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+        )
+        self.classifier = nn.Linear(w * image_size * image_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
 def resnet18(in_channels: int = 1, num_classes: int = 2) -> nn.Module:
     """torchvision's ResNet-18 (the paper's model), first conv adapted to the image channels."""
     from torchvision.models import resnet18 as tv_resnet18
@@ -48,9 +71,16 @@ def resnet18(in_channels: int = 1, num_classes: int = 2) -> nn.Module:
     return model
 
 
-def build_model(name: str, *, in_channels: int, num_classes: int, norm: Norm = "batch") -> nn.Module:
+MODELS = ("convnet", "smallcnn", "resnet18")
+
+
+def build_model(name: str, *, in_channels: int, num_classes: int, norm: Norm = "batch", width: int | None = None,
+                image_size: int = 32) -> nn.Module:
+    """A model of :data:`MODELS` by name; ``width`` defaults to each model's own."""
+    if name == "convnet":
+        return ConvNet(in_channels, num_classes, width=width or 16, image_size=image_size)
     if name == "smallcnn":
-        return SmallCNN(in_channels, num_classes, norm=norm)
+        return SmallCNN(in_channels, num_classes, norm=norm, width=width or 32)
     if name == "resnet18":
         return resnet18(in_channels, num_classes)
-    raise KeyError(f"unknown model {name!r}; choose 'smallcnn' or 'resnet18'")
+    raise KeyError(f"unknown model {name!r}; choose from {MODELS}")

@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import shlex
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -15,6 +15,8 @@ from gradguard.eval.bench.runner import run_bench
 from gradguard.eval.bench.spec import BenchConfig, Spec, _specs, large, mode_config
 from gradguard.eval.datasets import DatasetError
 from gradguard.eval.defenses import DEFENSES
+from gradguard.eval.models import MODELS
+
 
 def _auto_device(name: str) -> str:
     if name == "auto":
@@ -30,6 +32,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.large:
         config = large(config)
     changes: dict[str, Any] = {"device": _auto_device(args.device), "progress": not args.no_progress}
+    if args.data is not None:
+        args.datasets = args.data
     for option in ("datasets", "image_size", "model", "width", "scale", "distribution", "rounds", "lr", "lr_schedule",
                    "capture_rounds", "clients"):
         value = getattr(args, option)
@@ -49,23 +53,43 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return dataclasses.replace(config, **changes)
 
 
+def _run(args: argparse.Namespace, run: Callable[[str], Any], describe: Callable[[Any], str]) -> int:
+    """``run(command)`` with the CLI's thread setting and errors; prints ``describe(outcome)`` and the files."""
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    try:
+        outcome = run("gradguard " + shlex.join(getattr(args, "argv", ["bench"])))
+    except (DatasetError, RunMismatchError) as err:  # the message names the file or settings and the fix
+        raise SystemExit(f"gradguard bench: {err}") from None
+    print(f"gradguard bench: {describe(outcome)} in {time.perf_counter() - start:.0f} s")
+    for path in outcome.files:
+        print(f"  {path}")
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from gradguard.eval.bench.experiment import ExperimentError, load_experiment
+    from gradguard.eval.bench.leakage import run_leakage
+
+    datasets = args.data or args.datasets
+    try:
+        experiment = load_experiment(args.experiment, device=_auto_device(args.device), progress=not args.no_progress,
+                                     datasets=tuple(datasets) if datasets else None)
+    except ExperimentError as err:
+        raise SystemExit(f"gradguard bench: {err}") from None
+    return _run(args, lambda command: run_leakage(experiment, args.out, report_dir=args.report_dir, command=command),
+                lambda o: f"{o.trained} utility runs and {o.attacked} attacked updates computed; report in {o.report}")
+
+
 def _main(args: argparse.Namespace) -> int:
+    if args.experiment is not None:
+        return _experiment(args)
     try:
         config = config_from_args(args)
     except (ValueError, KeyError) as err:
         raise SystemExit(f"gradguard bench: {err}") from None
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    try:
-        outcome = run_bench(config, args.out, report_dir=args.report_dir,
-                            command="gradguard " + shlex.join(getattr(args, "argv", ["bench"])))
-    except (DatasetError, RunMismatchError) as err:  # the message names the file or settings and the fix
-        raise SystemExit(f"gradguard bench: {err}") from None
-    print(f"gradguard bench: {outcome.trained} training runs and {outcome.attacked} attack cells computed "
-          f"in {time.perf_counter() - start:.0f} s; results in {outcome.results}")
-    for path in outcome.files:
-        print(f"  {path}")
-    return 0
+    return _run(args, lambda command: run_bench(config, args.out, report_dir=args.report_dir, command=command),
+                lambda o: f"{o.trained} training runs and {o.attacked} attack cells computed; results in {o.results}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -91,14 +115,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--attack-seeds", type=int, metavar="N",
                         help="attack the runs of the first N seeds (default 1); leakage is averaged over all "
                              "their captured updates")
-    parser.add_argument("--datasets", nargs="+", metavar="NAME")
+    parser.add_argument("--experiment", metavar="FILE",
+                        help="run the leakage benchmark of an experiment file (benchmarks/experiments/*.toml)")
+    parser.add_argument("--datasets", nargs="+", metavar="NAME", help="MedMNIST names (files in the data directory)")
+    parser.add_argument("--data", nargs="+", metavar="PATH.npz",
+                        help="any .npz file(s) in the MedMNIST layout (train/val/test images and labels), grey "
+                             "or RGB; replaces --datasets")
     parser.add_argument("--defenses", nargs="+", metavar="SPEC",
                         help=f"name or name:key=value,...; registered: {', '.join(sorted(DEFENSES))}")
     parser.add_argument("--attacks", nargs="+", metavar="SPEC",
                         help=f"name or name:key=value,...; registered: {', '.join(sorted(ATTACKS))}")
     parser.add_argument("--attack-iterations", type=int, help="iterations of every attack")
-    parser.add_argument("--model", choices=("smallcnn", "resnet18"))
-    parser.add_argument("--width", type=int, help="SmallCNN width")
+    parser.add_argument("--model", choices=MODELS)
+    parser.add_argument("--width", type=int, help="SmallCNN / ConvNet width")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--scale", type=float, help="fraction of the 9-client layout's dataset sizes")
     parser.add_argument("--distribution", choices=("iid", "dirichlet"))

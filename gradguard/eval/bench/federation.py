@@ -19,7 +19,7 @@ from gradguard.eval.bench.spec import BenchConfig, Spec
 from gradguard.eval.datasets import ImageSet, load_medmnist
 from gradguard.eval.defenses import DEFENSES, GuardedDefense, build_defense
 from gradguard.eval.metrics import utility
-from gradguard.eval.models import SmallCNN, build_model
+from gradguard.eval.models import build_model
 from gradguard.eval.partition import ClientSpec, partition_clients
 from gradguard.update import ProtectedUpdate
 
@@ -42,7 +42,12 @@ class Data:
 
     @classmethod
     def load(cls, name: str, size: int) -> "Data":
-        return cls(*(load_medmnist(name, split, size=size) for split in ("train", "test", "val")))
+        """A MedMNIST name (a file in the data directory), or the path of any ``.npz`` file in the
+        MedMNIST layout (``train/val/test_images`` grey [N, H, W] or RGB [N, H, W, 3], and labels)."""
+        path = Path(name)
+        root = path.parent if path.suffix == ".npz" else None
+        stem = path.stem if root is not None else name
+        return cls(*(load_medmnist(stem, split, size=size, root=root) for split in ("train", "test", "val")))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -51,11 +56,8 @@ class Data:
 
 def _model(config: BenchConfig, data: Data, defense: Spec) -> nn.Module:
     """The global model of ``defense``'s federation (the defense may swap layers it cannot train)."""
-    channels, classes = data.train.channels, data.train.num_classes
-    if config.model == "smallcnn":  # build_model has no width; the quick modes need a narrower CNN
-        model = SmallCNN(channels, classes, width=config.width)
-    else:
-        model = build_model(config.model, in_channels=channels, num_classes=classes)
+    model = build_model(config.model, in_channels=data.train.channels, num_classes=data.train.num_classes,
+                        width=config.width if config.model != "resnet18" else None, image_size=config.image_size)
     return DEFENSES[defense.name].prepare_model(model, **defense.params)
 
 

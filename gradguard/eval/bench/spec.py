@@ -10,6 +10,7 @@ from typing import Any, Literal, Mapping
 
 from gradguard.eval.attacks import ATTACKS
 from gradguard.eval.defenses import DEFENSES
+from gradguard.eval.models import MODELS
 from gradguard.eval.partition import Distribution
 from gradguard.eval.report import slugify
 
@@ -64,7 +65,8 @@ class BenchConfig:
     Data and model
         datasets: MedMNIST names (files in ``gradguard.eval.datasets.data_dir()``).
         image_size: images are bilinearly resized from 28 px to this size.
-        model, width: "smallcnn" (``width`` channels in its first block) or "resnet18".
+        model, width: "smallcnn" (``width`` channels in its first block), "convnet" (``width``
+            channels in each conv layer) or "resnet18".
     Federation
         scale: multiplies the 9-client layout's dataset sizes (the single-image client stays).
         distribution, alpha: IID, or Dirichlet(alpha) non-IID client data.
@@ -121,8 +123,8 @@ class BenchConfig:
                             f"got {self.attack_seeds}")
         if self.lr_schedule not in ("constant", "cosine"):
             problems.append(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if self.model not in ("smallcnn", "resnet18"):
-            problems.append(f"model must be 'smallcnn' or 'resnet18', got {self.model!r}")
+        if self.model not in MODELS:
+            problems.append(f"model must be one of {MODELS}, got {self.model!r}")
         bad_rounds = [t for t in self.capture_rounds or () if not 1 <= t <= self.rounds]
         if bad_rounds:
             problems.append(f"capture_rounds {bad_rounds} lie outside 1..{self.rounds}")
@@ -159,7 +161,7 @@ class BenchConfig:
         Datasets, defenses, attacks, further seeds and further attacked seeds can be added to an
         existing run."""
         return {"format": _FORMAT, "image_size": self.image_size, "model": self.model,
-                "width": self.width if self.model == "smallcnn" else None, "scale": self.scale,
+                "width": self.width if self.model != "resnet18" else None, "scale": self.scale,
                 "distribution": self.distribution,
                 "alpha": self.alpha if self.distribution == "dirichlet" else None,
                 "rounds": self.rounds, "lr": self.lr,

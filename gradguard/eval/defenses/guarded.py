@@ -128,3 +128,19 @@ class RelevanceOnlyDefense(GuardedDefense):
 
     name = "relevance_only"
     preset = "relevance_only"
+
+
+@register_defense
+class ChestXrayDefense(GuardedDefense):
+    """GradGuard's chest X-ray preset."""
+
+    name = "chest_xray"
+    preset = "chest_xray"
+
+
+@register_defense
+class FundusDefense(GuardedDefense):
+    """GradGuard's fundus preset."""
+
+    name = "fundus"
+    preset = "fundus"

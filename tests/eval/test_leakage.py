@@ -1,0 +1,174 @@
+"""The leakage benchmark: leakage above the prior and re-identification on constructed cases,
+experiment files, twins of equal energy, and a small run end to end."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradguard.eval.bench.experiment import ExperimentError, load_experiment
+from gradguard.eval.bench.leakage import (LeakageCell, VariantScore, noise_energy, run_leakage, sign_test, twin_spec,
+                                          with_twins)
+from gradguard.eval.bench.spec import Spec
+from gradguard.eval.leakage_report import SUMMARY_KEYS
+from gradguard.eval.metrics import (LPIPSMetric, above_prior, leakage, prior_guesses, reidentification,
+                                    reidentification_chance, strongest_prior)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def chest(chest_images):
+    return chest_images
+
+
+@pytest.fixture(scope="module")
+def lpips_metric():
+    return LPIPSMetric()
+
+
+def test_a_perfect_reconstruction_the_prior_itself_and_a_swapped_pair(chest, lpips_metric):
+    images, labels = chest
+    client, public, public_labels = images[:2], images[10:], labels[10:]
+    guesses = prior_guesses(public, public_labels, labels[:2], num_classes=2)
+    # By hand: the mean guess is the public mean; the class-mean guess is each class's own mean.
+    torch.testing.assert_close(guesses["mean"][0], public.mean(0))
+    for i in range(2):
+        torch.testing.assert_close(guesses["class_mean"][i], public[public_labels == labels[i]].mean(0))
+    scores = {name: leakage(g, client, lpips_metric=lpips_metric) for name, g in guesses.items()}
+    name, prior = strongest_prior(scores)
+    assert prior["psnr_best"] == max(s["psnr_best"] for s in scores.values())
+    assert prior["lpips_best"] == min(s["lpips_best"] for s in scores.values())
+
+    perfect = above_prior(leakage(client, client, lpips_metric=lpips_metric), prior)
+    assert perfect["psnr"] == pytest.approx(100.0 - prior["psnr_best"], abs=1e-3)  # PSNR of identical images: 100 dB
+    assert perfect["ssim"] == pytest.approx(1.0 - prior["ssim_best"], abs=1e-6)
+    assert perfect["lpips"] == pytest.approx(prior["lpips_best"], abs=1e-5)
+    itself = above_prior(scores[name], prior)
+    assert itself["psnr"] == pytest.approx(0.0, abs=1e-6)
+
+    distractors = images[20:40]
+    assert reidentification(client, client, distractors) == 1.0
+    # Swapped: the assignment pairs each reconstruction with its own original again.
+    assert reidentification(client.flip(0), client, distractors) == 1.0
+    # The prior's guess names an image by chance only: for one client image, 0 or 1 of 1.
+    assert reidentification(guesses["mean"][:1], client[:1], distractors) in (0.0, 1.0)
+    assert reidentification_chance(2, 20) == pytest.approx(1 / 22)
+    # A reconstruction of another patient does not re-identify the client's.
+    assert reidentification(images[45:46], client[:1], torch.cat([distractors, images[45:46]])) == 0.0
+
+
+def test_the_sign_test_against_a_binomial_computed_by_hand():
+    assert sign_test([1.0] * 5) == pytest.approx(2 / 32)
+    assert sign_test([1.0, -1.0, 0.0]) == 1.0
+    assert sign_test([-1.0] * 6 + [1.0]) == pytest.approx(2 * (1 + 7) / 128)
+
+
+def test_a_cell_scores_the_strongest_of_every_attack_per_metric():
+    cell = LeakageCell(dataset="d", setting="s", defense="none", twin_of=None, seed=0, client_images=1,
+                       prior_name="mean", prior={"psnr": 18.0, "ssim": 0.5, "lpips": 0.3},
+                       scores=[VariantScore("a", "plain", 20.0, 0.4, 0.2), VariantScore("b", "tv", 17.0, 0.7, 0.4)],
+                       reid_top1=1.0, reid_chance=0.01, noise_energy=0.0, epsilon=None, attack_seconds=1.0)
+    assert cell.above_prior() == pytest.approx({"psnr": 2.0, "ssim": 0.2, "lpips": 0.1})
+
+
+def test_every_gradguard_setting_gets_its_equal_energy_twin():
+    twin = twin_spec(Spec("chest_xray"))
+    assert twin == Spec("untargeted", {"noise_amplitude": 0.9, "update_exponent": 0.5})
+    assert twin_spec(Spec("gradguard", {"mask_floor": 0.7, "noise_amplitude": 0.5})) == Spec(
+        "untargeted", {"noise_amplitude": 0.5})
+    assert twin_spec(Spec("untargeted")) is None and twin_spec(Spec("shadowdef")) is None
+    assert twin_spec(Spec("gaussian", {"sigma0": 0.1})) is None
+    listed = with_twins([Spec("none"), Spec("gradguard"), Spec("untargeted"), Spec("fundus")])
+    assert [(s.label, of) for s, of in listed] == [
+        ("none", None), ("gradguard", None), ("untargeted", "gradguard"), ("fundus", None),
+        ("untargeted(noise_amplitude=1.0,update_exponent=0.5)", "fundus")]
+
+
+def test_noise_energy_is_relative_to_the_image():
+    clean = torch.full((2, 1, 4, 4), 0.5)
+    seen = clean + torch.tensor([0.5, 0.0]).view(2, 1, 1, 1)
+    torch.testing.assert_close(noise_energy(clean, seen), torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "experiment.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_experiment_files_are_valid():
+    for path in sorted((REPO / "benchmarks" / "experiments").glob("*.toml")):
+        experiment = load_experiment(path)
+        assert experiment.settings and experiment.defenses, path
+
+
+def test_an_experiment_file_with_typos_lists_every_problem_with_its_fix(tmp_path):
+    path = _write(tmp_path, """
+name = "bad"
+datasets = ["pneumoniamnist"]
+atack_seeds = 2
+defenses = ["none", "gradgaurd"]
+attacks = ["inverting_gradients"]
+[utility]
+rounds = 2
+[[settings]]
+name = "x"
+share = "gradient"
+images = 4
+batch_size = 2
+modle = "convnet"
+""")
+    with pytest.raises(ExperimentError) as err:
+        load_experiment(path)
+    text = str(err.value)
+    assert "'atack_seeds' (did you mean 'attack_seeds'?)" in text
+    assert "'gradgaurd' is not registered (did you mean 'gradguard'?)" in text
+    assert "'modle' (did you mean 'model'?)" in text
+    assert "batch_size must equal images" in text
+    with pytest.raises(ExperimentError, match="not found"):
+        load_experiment(tmp_path / "missing.toml")
+
+
+TINY = """
+name = "tiny"
+datasets = ["pneumoniamnist"]
+image_size = 32
+attack_seeds = 1
+distractors = 20
+defenses = ["none", "chest_xray"]
+attacks = ["inverting_gradients:iterations=150,restarts=1"]
+[utility]
+model = "convnet"
+width = 4
+scale = 0.05
+rounds = 1
+seeds = 1
+[[settings]]
+name = "fedsgd-b1"
+share = "gradient"
+images = 1
+batch_size = 1
+"""
+
+
+def test_a_small_experiment_runs_end_to_end_and_resumes(tmp_path):
+    path = _write(tmp_path, TINY)
+    out = tmp_path / "out"
+    outcome = run_leakage(load_experiment(path, progress=False), out)
+    assert (outcome.trained, outcome.attacked) == (3, 3)  # none, chest_xray and its twin
+    summary = json.loads((out / "summary.json").read_text())
+    assert [tuple(sorted(row)) for row in summary] == [tuple(sorted(SUMMARY_KEYS))] * 3
+    rows = {row["defense"]: row for row in summary}
+    twin = "untargeted(noise_amplitude=0.9,update_exponent=0.5)"
+    assert rows[twin]["twin_of"] == "chest_xray" and rows["none"]["twin_of"] is None
+    # An untrained leaky conv net at batch 1 leaks: IG beats the prior undefended.
+    assert rows["none"]["psnr_above_prior"] > 3.0
+    assert rows["none"]["undefended_psnr_above_prior"] == rows["none"]["psnr_above_prior"]
+    assert rows["chest_xray"]["psnr_above_prior"] < rows["none"]["psnr_above_prior"]
+    assert (out / "table_pneumoniamnist.md").read_text().count("| `fedsgd-b1`") == 1
+    assert (out / "figures" / "privacy_utility_pneumoniamnist.png").is_file()
+    again = run_leakage(load_experiment(path, progress=False), out)
+    assert (again.trained, again.attacked) == (0, 0)
