@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,3 +173,19 @@ def test_a_small_experiment_runs_end_to_end_and_resumes(tmp_path):
     assert (out / "figures" / "privacy_utility_pneumoniamnist.png").is_file()
     again = run_leakage(load_experiment(path, progress=False), out)
     assert (again.trained, again.attacked) == (0, 0)
+
+
+def test_any_medmnist_layout_file_runs_rgb_with_its_own_classes(tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    arrays = {}
+    for split, n in (("train", 160), ("val", 40), ("test", 30)):
+        arrays[f"{split}_images"] = (torch.rand(n, 28, 28, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        arrays[f"{split}_labels"] = torch.randint(0, 3, (n, 1), generator=rng).numpy()
+    np.savez(tmp_path / "mine.npz", **arrays)
+    path = _write(tmp_path, TINY.replace('defenses = ["none", "chest_xray"]', 'defenses = ["none"]'))
+    experiment = load_experiment(path, progress=False, datasets=(str(tmp_path / "mine.npz"),))
+    run_leakage(experiment, tmp_path / "out")
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [(r["dataset"], r["defense"]) for r in rows] == [("mine", "none")]
+    cells = json.loads((tmp_path / "out" / "results.json").read_text())["cells"]
+    assert len(cells[0]["scores"]) > 0 and (tmp_path / "out" / "table_mine.md").is_file()
