@@ -7,7 +7,7 @@ EXTRAS ?= dev,eval,flower
 SHARED ?= $(abspath ../shared)
 export GRADGUARD_SHARED ?= $(SHARED)
 
-.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-paper bench-paper-seeds bench-mid-clients proto clean
+.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-leakage bench-leakage-cpu bench-paper bench-paper-seeds bench-mid-clients proto clean
 
 venv: $(STAMP)
 
@@ -35,47 +35,52 @@ bench-transport: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m gradguard.cli bench --quick --out bench-out/quick
 
-# The full evaluation protocol (RESULTS.md) on CPU: one process per dataset, sharing the cache in
-# bench-out/paper (a rerun resumes), then one report over both. BENCH_ARGS adds options, e.g.
-# BENCH_ARGS="--large --device cuda" for the GPU size.
+# BENCH_ARGS adds options to every benchmark below, e.g. BENCH_ARGS="--device cuda".
 BENCH_ARGS ?=
+
+# The leakage benchmark (RESULTS.md): leakage above the attacker's prior where undefended updates
+# leak. One process per dataset, sharing the cache in bench-out/<name> (a rerun resumes), then one
+# report over both in benchmarks/results/<name>.
+define leakage
+	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/$(1).toml --no-progress $(BENCH_ARGS) \
+		--datasets pneumoniamnist --out bench-out/$(1) --report-dir bench-out/$(1)/pneumoniamnist-only & \
+	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/$(1).toml --no-progress $(BENCH_ARGS) \
+		--datasets retinamnist --out bench-out/$(1) --report-dir bench-out/$(1)/retinamnist-only & \
+	wait
+	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/$(1).toml --no-progress $(BENCH_ARGS) \
+		--out bench-out/$(1) --report-dir benchmarks/results/$(1)
+endef
+bench-leakage: $(STAMP)
+	$(call leakage,leakage)
+bench-leakage-cpu: $(STAMP)
+	$(call leakage,leakage-cpu)
+
+# The federation benchmark's full report (benchmarks/experiments/paper.toml) on CPU: one process per
+# dataset sharing the cache in bench-out/paper (a rerun resumes), then one report over both.
 bench-paper: $(STAMP)
-	$(PY) -m gradguard.cli bench --full --no-progress $(BENCH_ARGS) --datasets pneumoniamnist --out bench-out/paper \
-		--report-dir bench-out/paper/pneumoniamnist-only & \
-	$(PY) -m gradguard.cli bench --full --no-progress $(BENCH_ARGS) --datasets retinamnist --out bench-out/paper \
-		--report-dir bench-out/paper/retinamnist-only & \
+	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/paper.toml --no-progress $(BENCH_ARGS) \
+		--datasets pneumoniamnist --out bench-out/paper --report-dir bench-out/paper/pneumoniamnist-only & \
+	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/paper.toml --no-progress $(BENCH_ARGS) \
+		--datasets retinamnist --out bench-out/paper --report-dir bench-out/paper/retinamnist-only & \
 	wait
-	$(PY) -m gradguard.cli bench --full $(BENCH_ARGS) --out bench-out/paper --report-dir benchmarks/results/paper
+	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/paper.toml $(BENCH_ARGS) --out bench-out/paper \
+		--report-dir benchmarks/results/paper
 
-# The settings that decide the goals over 20 seeds of utility and 3 attacked runs, in the same cache
-# (benchmarks/results/paper-seeds/README.md); about an hour per dataset on a core beyond bench-paper.
-P1  := gradguard:relevance_class=predicted,vulnerability_temperature=1.0
-P1B := $(P1),batch_exponent=0.5
-SEEDS_ARGS := --full --no-progress --seeds 20 --attack-seeds 3 --out bench-out/paper $(BENCH_ARGS)
+# The settings that decided the modality presets over 20 seeds of utility and 3 attacked runs, in
+# the same cache (benchmarks/results/paper-seeds/README.md).
 bench-paper-seeds: $(STAMP)
-	$(PY) -m gradguard.cli bench $(SEEDS_ARGS) --datasets pneumoniamnist \
-		--report-dir benchmarks/results/paper-seeds/pneumoniamnist --defenses none \
-		$(P1),update_exponent=0.5,noise_amplitude=0.9 untargeted:update_exponent=0.5,noise_amplitude=0.9 \
-		$(P1B),noise_amplitude=0.6 $(P1B),noise_amplitude=0.7 $(P1B),noise_amplitude=0.9,amplitude_growth=-1.0 \
-		$(P1) untargeted:batch_exponent=0.5,noise_amplitude=0.6 untargeted:noise_amplitude=0.5 \
-		gaussian:sigma0=0.1 pruning:fraction=0.5 & \
-	$(PY) -m gradguard.cli bench $(SEEDS_ARGS) --datasets retinamnist \
-		--report-dir benchmarks/results/paper-seeds/retinamnist --defenses none \
-		gradguard:mask_floor=0.7,update_exponent=0.5,noise_amplitude=1.0 untargeted:update_exponent=0.5,noise_amplitude=1.0 \
-		gradguard:mask_floor=0.7,noise_amplitude=0.5 gradguard:mask_floor=0.7 gradguard \
-		untargeted:noise_amplitude=0.5 untargeted:batch_exponent=0.5,noise_amplitude=0.6 \
-		dpsgd:max_grad_norm=5,noise_multiplier=0.1 gaussian:sigma0=0.1 pruning:fraction=0.5 & \
+	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/paper-seeds-pneumoniamnist.toml --no-progress \
+		$(BENCH_ARGS) --out bench-out/paper --report-dir benchmarks/results/paper-seeds/pneumoniamnist & \
+	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/paper-seeds-retinamnist.toml --no-progress \
+		$(BENCH_ARGS) --out bench-out/paper --report-dir benchmarks/results/paper-seeds/retinamnist & \
 	wait
 
-# Session 8's check of the clients update_exponent leaves almost clean: clients 2 and 6 (16 images
-# each, 4 and 2 local steps) attacked with and without the presets, seed 0.
-MID_ARGS := --full --no-progress --seeds 1 --clients client2 client6 --out bench-out/mid-clients $(BENCH_ARGS)
+# Clients 2 and 6 (16 images each, 4 and 2 local steps) attacked with and without the presets, seed 0.
 bench-mid-clients: $(STAMP)
-	$(PY) -m gradguard.cli bench $(MID_ARGS) --datasets pneumoniamnist \
-		--report-dir benchmarks/results/mid-clients/pneumoniamnist --defenses none $(P1),update_exponent=0.5,noise_amplitude=0.9
-	$(PY) -m gradguard.cli bench $(MID_ARGS) --datasets retinamnist \
-		--report-dir benchmarks/results/mid-clients/retinamnist --defenses none \
-		gradguard:mask_floor=0.7,update_exponent=0.5,noise_amplitude=1.0
+	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/mid-clients-pneumoniamnist.toml --no-progress \
+		$(BENCH_ARGS) --out bench-out/mid-clients --report-dir benchmarks/results/mid-clients/pneumoniamnist
+	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/mid-clients-retinamnist.toml --no-progress \
+		$(BENCH_ARGS) --out bench-out/mid-clients --report-dir benchmarks/results/mid-clients/retinamnist
 
 bench: bench-step bench-shadow bench-transport
 

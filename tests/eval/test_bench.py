@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,7 +131,7 @@ def test_full_mode_and_its_gpu_size_and_the_cosine_schedule():
     def parse(*argv):
         return config_from_args(build_parser(["bench", *argv]).parse_args(["bench", *argv, "--device", "cpu"]))
     full, large = parse("--full"), parse("--full", "--large", "--seeds", "1")
-    assert (full.model, full.image_size, full.seeds, len(full.defenses)) == ("smallcnn", 32, (0, 1, 2, 3, 4), 28)
+    assert (full.model, full.image_size, full.seeds, len(full.defenses)) == ("smallcnn", 32, (0, 1, 2, 3, 4), 10)
     assert (large.model, large.image_size, large.rounds, large.seeds) == ("resnet18", 64, 40, (0,))
     assert large.defenses == full.defenses and {a.name for a in large.attacks} == {"inverting_gradients", "dlg",
                                                                                   "bn_fedavg", "learned_decoder"}
@@ -141,7 +142,11 @@ def test_full_mode_and_its_gpu_size_and_the_cosine_schedule():
 def test_the_modality_presets_are_the_settings_the_full_benchmark_measured():
     from gradguard import GuardConfig
 
-    measured = {spec.label: spec for spec in mode_config("full").defenses if spec.name == "gradguard"}
+    from gradguard.eval.bench.experiment import load_federation
+
+    paper = load_federation(Path(__file__).resolve().parents[2] / "benchmarks" / "experiments" / "paper.toml")
+    assert len(paper.defenses) == 28 and paper.seeds == (0, 1, 2, 3, 4)
+    measured = {spec.label: spec for spec in paper.defenses if spec.name == "gradguard"}
     for preset, label in (("chest_xray", "gradguard(noise_amplitude=0.9,relevance_class=predicted,update_exponent=0.5,"
                                          "vulnerability_temperature=1.0)"),
                           ("fundus", "gradguard(mask_floor=0.7,noise_amplitude=1.0,update_exponent=0.5)")):

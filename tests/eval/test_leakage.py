@@ -189,3 +189,22 @@ def test_any_medmnist_layout_file_runs_rgb_with_its_own_classes(tmp_path):
     assert [(r["dataset"], r["defense"]) for r in rows] == [("mine", "none")]
     cells = json.loads((tmp_path / "out" / "results.json").read_text())["cells"]
     assert len(cells[0]["scores"]) > 0 and (tmp_path / "out" / "table_mine.md").is_file()
+
+
+def test_a_federation_experiment_file_is_its_mode_with_the_files_fields(tmp_path):
+    from gradguard.cli import build_parser
+    from gradguard.eval.bench.cli import config_from_args
+    from gradguard.eval.bench.experiment import experiment_kind, load_federation
+
+    path = _write(tmp_path, 'kind = "federation"\nmode = "full"\nseeds = 20\nattack_seeds = 3\n'
+                            'datasets = ["pneumoniamnist"]\ndefenses = ["none", "fundus"]\n')
+    assert experiment_kind(path) == "federation"
+    config = load_federation(path)
+    assert (config.seeds, config.attack_seeds, config.rounds, config.datasets) == (
+        tuple(range(20)), 3, 20, ("pneumoniamnist",))
+    assert [s.label for s in config.defenses] == ["none", "fundus"]
+    argv = ["bench", "--experiment", str(path), "--seeds", "2", "--attack-seeds", "1", "--device", "cpu"]
+    override = config_from_args(build_parser(argv).parse_args(argv), base=config)
+    assert (override.seeds, override.attack_seeds) == ((0, 1), 1)  # the command line applies on top
+    with pytest.raises(ExperimentError, match="'sedes' \\(did you mean 'seeds'\\?\\)"):
+        load_federation(_write(tmp_path, 'kind = "federation"\nsedes = 3\n'))

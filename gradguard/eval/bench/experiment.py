@@ -23,6 +23,11 @@ reconstructed from a command line. Layout::
     images = 1
     batch_size = 1
 
+A file with ``kind = "federation"`` describes a report of the federation benchmark instead
+(``gradguard bench`` without an experiment: FedAvg over the client layout, captured updates
+attacked): ``mode`` ("smoke", "quick" or "full") and any :class:`BenchConfig` field, with
+``seeds`` a count; options given on the command line still apply on top.
+
 Every key is checked when the file is read; a typo is named with the closest valid key.
 """
 from __future__ import annotations
@@ -127,7 +132,7 @@ class Experiment:
         return setting.attacks if setting.attacks is not None else self.attacks
 
 
-_TOP_KEYS = {"name", "datasets", "image_size", "attack_seeds", "distractors", "denoiser_steps", "defenses", "attacks",
+_TOP_KEYS = {"kind", "name", "datasets", "image_size", "attack_seeds", "distractors", "denoiser_steps", "defenses", "attacks",
              "utility", "settings"}
 _UTILITY_KEYS = {"model", "width", "scale", "distribution", "alpha", "rounds", "lr", "lr_schedule", "seeds"}
 
@@ -164,16 +169,63 @@ def _specs(values: Any, where: str, problems: list[str]) -> tuple[Spec, ...]:
     return tuple(out)
 
 
-def load_experiment(path: str | Path, *, device: str = "cpu", progress: bool = True,
-                    datasets: tuple[str, ...] | None = None) -> Experiment:
-    """Read and check an experiment file; ``datasets`` replaces the file's (``--data``)."""
+def _read(path: str | Path) -> tuple[Path, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ExperimentError(f"experiment file {path} not found; the shipped ones are in benchmarks/experiments/")
     try:
-        raw = tomllib.loads(path.read_text())
+        return path, tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ExperimentError(f"{path} is not valid TOML: {err}") from None
+
+
+def experiment_kind(path: str | Path) -> Literal["leakage", "federation"]:
+    """What an experiment file describes: the leakage benchmark (the default) or a federation report."""
+    path, raw = _read(path)
+    kind = raw.get("kind", "leakage")
+    if kind not in ("leakage", "federation"):
+        raise ExperimentError(f"{path}: kind must be \"leakage\" or \"federation\", got {kind!r}")
+    return kind
+
+
+_FEDERATION_KEYS = {"kind", "name", "mode", "seeds", "attack_seeds", "datasets", "clients", "defenses", "attacks",
+                    "image_size", "model", "width", "scale", "distribution", "alpha", "rounds", "lr", "lr_schedule",
+                    "capture_rounds"}
+
+
+def load_federation(path: str | Path) -> BenchConfig:
+    """A federation report's configuration: its mode's preset with the file's fields on top."""
+    from gradguard.eval.bench.spec import mode_config
+
+    path, raw = _read(path)
+    problems = _unknown(set(raw), _FEDERATION_KEYS, str(path))
+    changes: dict[str, Any] = {}
+    for key in ("defenses", "attacks"):
+        if key in raw:
+            changes[key] = _specs(raw[key], f"{path}: {key}", problems)
+    problems += _unknown_specs(changes.get("defenses", ()), DEFENSES, f"{path}: defense")
+    problems += _unknown_specs(changes.get("attacks", ()), ATTACKS, f"{path}: attack")
+    for key in _FEDERATION_KEYS - {"kind", "name", "mode", "defenses", "attacks"}:
+        if key in raw:
+            value = raw[key]
+            changes[key] = tuple(range(value)) if key == "seeds" else (tuple(value) if isinstance(value, list)
+                                                                        else value)
+    try:
+        base = mode_config(raw.get("mode", "quick"))
+    except KeyError as err:
+        problems.append(f"{path}: {err}")
+    if problems:
+        raise ExperimentError("the experiment cannot run:\n  - " + "\n  - ".join(problems))
+    try:
+        return dataclasses.replace(base, **changes)
+    except (TypeError, ValueError) as err:
+        raise ExperimentError(f"{path}: {err}") from None
+
+
+def load_experiment(path: str | Path, *, device: str = "cpu", progress: bool = True,
+                    datasets: tuple[str, ...] | None = None) -> Experiment:
+    """Read and check an experiment file; ``datasets`` replaces the file's (``--data``)."""
+    path, raw = _read(path)
     problems = _unknown(set(raw), _TOP_KEYS, str(path))
     defenses = _specs(raw.get("defenses", ["none"]), f"{path}: defenses", problems)
     attacks = _specs(raw.get("attacks", []), f"{path}: attacks", problems)
