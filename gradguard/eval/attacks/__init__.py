@@ -6,6 +6,7 @@
 from gradguard.eval.attacks.base import ATTACKS, Attack, AttackConfig, AttackResult, build_attack, register_attack
 from gradguard.eval.attacks.bn_fedavg import BNFedAvgAttack, BNFedAvgConfig
 from gradguard.eval.attacks.dlg import DLG, DLGConfig
+from gradguard.eval.attacks.imprint import ImprintAttack, ImprintAttackConfig, ImprintConfig, imprint_model
 from gradguard.eval.attacks.inverting import InvertingConfig, InvertingGradients
 from gradguard.eval.attacks.labels import recover_labels
 from gradguard.eval.attacks.learned import LearnedConfig, LearnedDecoderAttack
@@ -13,6 +14,7 @@ from gradguard.eval.attacks.observation import MODEL_MODE_KEY, Observation, obse
 
 __all__ = [
     "ATTACKS", "Attack", "AttackConfig", "AttackResult", "BNFedAvgAttack", "BNFedAvgConfig", "DLG", "DLGConfig",
-    "InvertingConfig", "InvertingGradients", "LearnedConfig", "LearnedDecoderAttack", "MODEL_MODE_KEY",
-    "Observation", "build_attack", "observe", "recover_labels", "register_attack",
+    "ImprintAttack", "ImprintAttackConfig", "ImprintConfig", "InvertingConfig", "InvertingGradients", "LearnedConfig",
+    "LearnedDecoderAttack", "MODEL_MODE_KEY", "Observation", "build_attack", "imprint_model", "observe",
+    "recover_labels", "register_attack",
 ]
