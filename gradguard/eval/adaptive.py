@@ -3,8 +3,10 @@
 An input-noise defense makes an attack recover the *noised* image; an attacker who knows the
 defense removes that noise afterwards. The denoisers are blind: their strength comes from the
 reconstruction's own noise estimate (:func:`noise_sigma`), never from the true image. An attacker
-with data of the same kind also restores brightness and contrast (:func:`calibrate`). The
-benchmark scores every defense against the strongest (highest-PSNR) of these variants.
+with data of the same kind also restores brightness and contrast (:func:`calibrate`), and one
+who knows the defense removes its exact noise with a network trained for it
+(:class:`gradguard.eval.known_noise.KnownNoiseDenoiser`). The benchmark scores every defense
+against the strongest (highest-PSNR) of these variants.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import numpy as np
 import torch
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 from torch import Tensor
+
+from gradguard.eval.known_noise import KnownNoiseDenoiser
 
 # A clean reconstruction has a near-zero noise estimate; this floor keeps the denoisers defined.
 _MIN_SIGMA = 1e-3
@@ -83,10 +87,15 @@ def calibrate(images: Tensor, prior: Tensor) -> Tensor:
     return ((images - mean) / std * target_std + target_mean).clamp(0, 1)
 
 
-def adaptive_variants(images: Tensor, prior: Tensor | None = None) -> dict[str, Tensor]:
-    """The plain reconstruction and each denoiser's version of it, by name; with ``prior``
-    (the attacker's own images) also each of them calibrated to it (``"tv+calibrated"``, ...)."""
+def adaptive_variants(images: Tensor, prior: Tensor | None = None, *,
+                      known_noise: KnownNoiseDenoiser | None = None) -> dict[str, Tensor]:
+    """The plain reconstruction and each denoiser's version of it, by name; with ``known_noise``
+    (a denoiser fitted to the defense's noise) also its version, ``"known_noise"``; with
+    ``prior`` (the attacker's own images) also each of them calibrated to it
+    (``"tv+calibrated"``, ...)."""
     variants = {"plain": images, **{name: denoise(images, name) for name in DENOISERS}}
+    if known_noise is not None:
+        variants["known_noise"] = known_noise.apply(images)
     if prior is not None:
         variants.update({f"{name}+calibrated": calibrate(v, prior) for name, v in list(variants.items())})
     return variants
