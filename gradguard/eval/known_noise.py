@@ -14,6 +14,7 @@ training on small batches and applying it to single images behave alike.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradguard import GradGuard, GuardConfig
+from gradguard.update import ProtectedUpdate
 
 NoiseFn = Callable[[Tensor, torch.Generator], Tensor]
 """``noise_fn(images, generator) -> noised images``: the defense's noise on clean [N, C, H, W]
@@ -157,3 +159,13 @@ def gradguard_noise(config: GuardConfig, *, model: nn.Module, round: int = 0,
             guard.cleanup()
 
     return noise
+
+
+def gradguard_noise_for_update(update: ProtectedUpdate, *, model: nn.Module) -> NoiseFn:
+    """:func:`gradguard_noise` for the configuration, round and image count that ``update``
+    (a ``GradGuard.protected_update()``) carries: everything but the seed travels with it."""
+    if "config" not in update.metadata:
+        raise ValueError("the update carries no GradGuard configuration (metadata['config'], written by "
+                         "GradGuard.protected_update); build the noise with gradguard_noise(config, model=...)")
+    config = GuardConfig(**json.loads(update.metadata["config"]))
+    return gradguard_noise(config, model=model, round=update.round, dataset_size=update.num_samples)

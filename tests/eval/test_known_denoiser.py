@@ -5,15 +5,17 @@ the test split noised with seeds the training never drew, in PSNR against the cl
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import Tensor
 
-from gradguard import GuardConfig
+from gradguard import GradGuard, GuardConfig
 from gradguard.eval.adaptive import adaptive_variants, denoise
 from gradguard.eval.datasets import load_medmnist
 from gradguard.eval.known_noise import (DenoiserConfig, KnownNoiseDenoiser, NoiseFn, gaussian_noise,
-                                        gradguard_noise)
+                                        gradguard_noise, gradguard_noise_for_update)
 from gradguard.eval.metrics import psnr
 from gradguard.eval.models import SmallCNN
 
@@ -57,6 +59,26 @@ def test_gradguard_noise_is_the_defense_s_own_and_fresh_per_seed() -> None:
     torch.testing.assert_close(first.flatten(1).std(dim=1), expected, rtol=0.05, atol=0.0)
     assert not torch.allclose(first, second)
     torch.testing.assert_close(noise_fn(clean, torch.Generator().manual_seed(0)) - clean, first)
+
+
+def test_the_noise_model_is_read_from_a_guard_s_update() -> None:
+    """Everything but the seed travels with the update, so the attacker's noise is the same as
+    from the configuration itself."""
+    images = load_medmnist("pneumoniamnist", "val").images[:4]
+    config = GuardConfig.preset("chest_xray", seed=7)
+    model = _model()
+    guard = GradGuard(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard.wrap(model, optimizer, dataset_size=4)
+    torch.nn.functional.cross_entropy(model(images), torch.tensor([0, 1, 0, 1])).backward()
+    optimizer.step()
+    update = guard.protected_update()
+    guard.cleanup()
+    read = gradguard_noise_for_update(update, model=model)(images, torch.Generator().manual_seed(3))
+    known = gradguard_noise(config, model=model, dataset_size=4)(images, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(read, known)
+    with pytest.raises(ValueError, match="configuration"):
+        gradguard_noise_for_update(dataclasses.replace(update, metadata={}), model=model)
 
 
 def test_denoiser_is_deterministic_given_its_seed() -> None:
