@@ -103,6 +103,17 @@ def test_invert_imprint_divides_neighbouring_bin_differences() -> None:
     torch.testing.assert_close(got, torch.stack([a, b]))
 
 
+def test_a_removed_imprint_gradient_reads_nothing() -> None:
+    train = _pneumonia("train")
+    model = _malicious()
+    update = _update(model, train.images[:2], train.labels[:2])
+    for name in ("imprint.bins.weight", "imprint.bins.bias"):
+        update.tensors[name] = torch.zeros_like(update.tensors[name])
+    result = build_attack("imprint", progress=False).reconstruct(model=model, update=update, image_shape=SHAPE,
+                                                                num_classes=2)
+    assert torch.equal(result.images, torch.zeros(1, *SHAPE)) and result.loss == 2.0
+
+
 def test_imprint_inputs_are_checked() -> None:
     with pytest.raises(ValueError, match="bins"):
         ImprintConfig(bins=1)

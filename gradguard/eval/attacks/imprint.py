@@ -83,7 +83,7 @@ def brightness_thresholds(public_images: Tensor, bins: int) -> Tensor:
     measure = brightness(public_images.detach().double().cpu())
     low, high = measure.min(), measure.max()
     inner = torch.quantile(measure, torch.arange(1, bins, dtype=torch.float64) / bins)
-    thresholds = torch.cat([(low - (high - low) - 1e-3).reshape(1), inner])
+    thresholds = torch.cat([(2 * low - high).reshape(1), inner])
     if not bool((thresholds.diff() > 0).all()):
         raise ValueError(f"the public images' brightness has too few distinct values for {bins} bins; "
                          "pass more public images or fewer bins")
@@ -185,8 +185,8 @@ class ImprintAttackConfig(AttackConfig):
 class ImprintAttack(Attack):
     """Reads the update's images out of the imprint block of the model it was computed on.
 
-    Returns up to ``update.num_samples`` images (fewer when images share a bin), in order of
-    brightness; ``loss`` is the number of the update's images it found no bin of their own for.
+    Returns up to ``update.num_samples`` images (fewer when images share a bin; one black image
+    when no bin is hit), in order of brightness; ``loss`` is the number of the update's images it found no bin of their own for.
     The labels are recovered from the victim's head as for every attack and are not paired with
     the images.
     """
@@ -204,4 +204,7 @@ class ImprintAttack(Attack):
         count = obs.update.num_samples
         inputs = invert_imprint(obs.target[f"{prefix}.bins.weight"][order], obs.target[f"{prefix}.bins.bias"][order],
                                 count=count, min_hit=self.config.min_hit)
-        return Run(images=inputs.view(-1, *obs.image_shape), loss=float(count - len(inputs)), history=[])
+        found = len(inputs)
+        if not found:  # the layer's gradient is zero (a defense removed it): one black image, nothing read
+            inputs = torch.zeros(1, math.prod(obs.image_shape), device=obs.device)
+        return Run(images=inputs.view(-1, *obs.image_shape), loss=float(count - found), history=[])
