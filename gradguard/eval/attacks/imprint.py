@@ -46,9 +46,9 @@ _PATTERN_SCALE = 0.1
 class ImprintConfig:
     """The imprint block a malicious server puts in front of the victim.
 
-    bins: k, the number of bins (Fowl et al. use 128 to 512 for ImageNet batches). A batch of
-        B images keeps all of them apart with probability about exp(-B (B - 1) / (2 k)):
-        0.89 for B = 8 and k = 256.
+    bins: k, the number of bins (breaching's Robbing-the-Fed case uses 64). A batch of B images
+        keeps all of them apart with probability about exp(-B (B - 1) / (2 k)): 0.89 for B = 8
+        and k = 256; its cost is two k x (C H W) weight matrices.
     gain: scales the bins' weights and biases (the layer back is divided by it, so the block's
         output does not change). Small enough that one SGD step changes the weights by far
         more than float32 rounds away, so a delta of one step keeps the gradient exact;
@@ -93,7 +93,7 @@ def brightness_thresholds(public_images: Tensor, bins: int) -> Tensor:
 class ImprintBlock(nn.Module):
     """x + back(ReLU(bins(flatten(x)))), reshaped to x; ``bins`` holds the measure and thresholds."""
 
-    def __init__(self, image_shape: tuple[int, int, int], thresholds: Tensor, *, gain: float = 1.0, seed: int = 0):
+    def __init__(self, image_shape: tuple[int, int, int], thresholds: Tensor, *, gain: float, seed: int):
         super().__init__()
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
@@ -186,9 +186,9 @@ class ImprintAttack(Attack):
     """Reads the update's images out of the imprint block of the model it was computed on.
 
     Returns up to ``update.num_samples`` images (fewer when images share a bin; one black image
-    when no bin is hit), in order of brightness; ``loss`` is the number of the update's images it found no bin of their own for.
-    The labels are recovered from the victim's head as for every attack and are not paired with
-    the images.
+    when no bin is hit), in order of brightness; ``loss`` is the number of the update's images
+    it found no bin of their own for. The labels are recovered from the victim's head as for
+    every attack and are not paired with the images.
     """
 
     name = "imprint"
