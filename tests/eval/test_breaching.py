@@ -29,7 +29,7 @@ def _victim() -> ConvNet:
 
 
 def test_breaching_beats_the_prior_on_a_fedsgd_batch1_update() -> None:
-    """Measured at 200 steps: 24.2 dB against a prior of 19.1 dB on this image (+5 to +8 dB on
+    """Measured at 200 steps: 40.8 dB against a prior of 19.1 dB on this image (+20 to +23 dB on
     the first three images)."""
     import_breaching()  # fails with the install command when breaching is missing
     train = load_medmnist("pneumoniamnist", "train")
@@ -42,7 +42,7 @@ def test_breaching_beats_the_prior_on_a_fedsgd_batch1_update() -> None:
     prior = psnr(train.images.mean(dim=0, keepdim=True), images).item()
     got = psnr(result.images, images).item()
     assert result.images.shape == images.shape and result.labels.tolist() == labels.tolist()
-    assert got >= prior + 3.0, f"breaching {got:.2f} dB, prior {prior:.2f} dB"
+    assert got >= prior + 10.0, f"breaching {got:.2f} dB, prior {prior:.2f} dB"
     assert len(result.history) == 200 and result.loss < result.history[0]
 
 

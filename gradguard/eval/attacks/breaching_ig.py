@@ -58,12 +58,14 @@ class BreachingConfig(AttackConfig):
     iterations=2000: breaching's config runs 24000 steps (ImageNet); on 32 px images the
         loss has plateaued long before, as for :class:`InvertingConfig`.
     lr=0.1: breaching's step size (signed Adam, step decay at 3/8, 5/8 and 7/8 of the run).
-    tv_weight=0.2: breaching's total variation scale.
+    tv_weight=1e-2: the total variation scale. breaching's config has 0.2, which over-smooths
+        32 px grey images: on an untrained ConvNet at batch 1 (200 steps, PneumoniaMNIST) it
+        gave 15-31 dB, 1e-2 about 41 dB.
     """
 
     iterations: int = 2000
     lr: float = 0.1
-    tv_weight: float = 0.2
+    tv_weight: float = 1e-2
 
     def __post_init__(self) -> None:
         super().__post_init__()
