@@ -142,8 +142,8 @@ def gradguard_noise(config: GuardConfig, *, model: nn.Module, round: int = 0,
     and returns ``guard.explain(images).noised``. ``dataset_size`` is the N of
     ``update_exponent`` (the update's ``num_samples``); it is needed when that exponent is
     non-zero. The relevance map explains the model's predictions, and the shadow is the
-    fresh guard's own: the masks' shape can differ from a client's, their energy does not
-    (``mask_normalization="rms"``), and the noise kind and amplitude are exact.
+    fresh guard's own: the masks' shape can differ from a client's (with
+    ``mask_normalization="rms"`` their energy cannot), the noise kind and amplitude are exact.
     """
     private = copy.deepcopy(model)
     device = next(private.parameters()).device
