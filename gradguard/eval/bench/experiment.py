@@ -112,6 +112,11 @@ class Experiment:
 
     utility: the federation (a :class:`BenchConfig`) whose final test F1 every defense is scored
     by, over ``utility.seeds``; its ``defenses`` and ``attacks`` are unused.
+    utility_results: ``results.json`` files of federation reports (paths relative to the
+        experiment file) whose measured runs give each defense's F1 instead of training it
+        again; a defense none of them measured gets no F1. Empty: train ``utility``.
+    denoiser_steps: training steps of the attacker's known-noise denoiser (one per dataset,
+        setting and input-noise defense).
     """
 
     name: str
@@ -124,6 +129,7 @@ class Experiment:
     attack_seeds: int = 3
     distractors: int = 100
     denoiser_steps: int = 300
+    utility_results: tuple[Path, ...] = ()
     device: str = "cpu"
     progress: bool = True
     source: str | None = field(default=None, compare=False)
@@ -134,7 +140,7 @@ class Experiment:
 
 _TOP_KEYS = {"kind", "name", "datasets", "image_size", "attack_seeds", "distractors", "denoiser_steps", "defenses", "attacks",
              "utility", "settings"}
-_UTILITY_KEYS = {"model", "width", "scale", "distribution", "alpha", "rounds", "lr", "lr_schedule", "seeds"}
+_UTILITY_KEYS = {"model", "width", "scale", "distribution", "alpha", "rounds", "lr", "lr_schedule", "seeds", "results"}
 
 
 def _unknown(keys: set[str], valid: set[str], where: str) -> list[str]:
@@ -261,18 +267,21 @@ def load_experiment(path: str | Path, *, device: str = "cpu", progress: bool = T
     utility = None
     if not problems:
         seeds = int(utility_raw.get("seeds", 5))
-        fields = {k: v for k, v in utility_raw.items() if k != "seeds"}
+        fields = {k: v for k, v in utility_raw.items() if k not in ("seeds", "results")}
         try:
             utility = BenchConfig(datasets=datasets or tuple(raw.get("datasets", ())), image_size=image_size,
                                   seeds=tuple(range(seeds)), device=device, progress=progress,
                                   defenses=defenses, attacks=attacks or (Spec("inverting_gradients"),), **fields)
         except (TypeError, ValueError) as err:
             problems.append(f"{path} [utility]: {err}")
+    results = tuple(path.parent / p for p in utility_raw.get("results", []))
+    problems += [f"{path} [utility] results: {p} not found" for p in results if not p.is_file()]
     if problems:
         raise ExperimentError("the experiment cannot run:\n  - " + "\n  - ".join(problems))
     assert utility is not None
     return Experiment(name=str(raw.get("name", path.stem)), datasets=utility.datasets, settings=tuple(settings),
                       defenses=defenses, attacks=attacks, utility=utility, image_size=image_size,
                       attack_seeds=int(raw.get("attack_seeds", 3)), distractors=int(raw.get("distractors", 100)),
-                      denoiser_steps=int(raw.get("denoiser_steps", 300)), device=device, progress=progress,
+                      denoiser_steps=int(raw.get("denoiser_steps", 300)), utility_results=results,
+                      device=device, progress=progress,
                       source=str(path))

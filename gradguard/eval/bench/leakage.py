@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from gradguard.eval.bench.experiment import Experiment, LeakageSetting
 from gradguard.eval.bench.federation import Data, _defense, train_run
 from gradguard.eval.bench.spec import Spec
 from gradguard.eval.defenses import DEFENSES, GuardedDefense, UntargetedDefense
+from gradguard.eval.known_noise import DenoiserConfig, KnownNoiseDenoiser, gradguard_noise
 from gradguard.eval.metrics import (LPIPSMetric, above_prior, leakage, prior_guesses, reidentification,
                                     reidentification_chance, strongest_prior)
 from gradguard.eval.models import build_model
@@ -236,10 +238,30 @@ def _images(data: Data, setting: LeakageSetting, seed: int, distractors: int
     return client, order[setting.images:setting.images + distractors], order[setting.images + distractors:]
 
 
+def known_noise_denoiser(experiment: Experiment, data: Data, setting: LeakageSetting, spec: Spec,
+                         model: nn.Module) -> KnownNoiseDenoiser | None:
+    """The attacker who knows ``spec``'s configuration: a denoiser trained on the public (val) images
+    with the defense's exact noise for this setting's update (its round, its N), fresh seeds.
+
+    None for defenses that add no input noise, and for ``shadowdef``: each of its noise draws runs
+    the paper's generator shadow (about 2 s a batch, 10 minutes a fit on the CPU)."""
+    cls = DEFENSES[spec.name]
+    if not issubclass(cls, GuardedDefense) or spec.name == "shadowdef":
+        return None
+    params = {k: v for k, v in spec.params.items() if k not in ("seed", "share")}
+    config = GuardConfig.preset(cls.preset, **{"total_rounds": experiment.utility.rounds, **params})
+    noise = gradguard_noise(config, model=model, round=1, dataset_size=setting.images)
+    denoiser = KnownNoiseDenoiser(DenoiserConfig(steps=experiment.denoiser_steps, device=experiment.device,
+                                                 seed=derive_seed(0, data.train.name, setting.name, spec.label)))
+    return denoiser.fit(data.prior.images, noise)
+
+
 def leakage_cell(experiment: Experiment, data: Data, setting: LeakageSetting, spec: Spec, twin_of: str | None,
-                 seed: int, lpips_metric: LPIPSMetric, images_path: Path) -> LeakageCell:
+                 seed: int, lpips_metric: LPIPSMetric, images_path: Path,
+                 denoisers: dict[tuple[str, str, str], KnownNoiseDenoiser | None]) -> LeakageCell:
     """Compute ``spec``'s update for seed ``seed``'s client of ``setting`` and attack it; ``data`` is
-    loaded at the setting's image size."""
+    loaded at the setting's image size. ``denoisers`` caches the known-noise denoiser per
+    (dataset, setting, defense), fitted on the first attacked seed's global model."""
     device = torch.device(experiment.device)
     train = data.train
     client, distractors, rest = _images(data, setting, seed, experiment.distractors)
@@ -259,15 +281,20 @@ def leakage_cell(experiment: Experiment, data: Data, setting: LeakageSetting, sp
                                       total_rounds=experiment.utility.rounds, client_id="client", sample_ids=ids)
     finally:
         probe.handle.remove()
+    key = (data.train.name, setting.name, spec.label)
+    if key not in denoisers:
+        denoisers[key] = known_noise_denoiser(experiment, data, setting, spec, model)
     clean = torch.cat([b[0] for b in batches]).flatten(1)
     energy = float(noise_energy(clean, torch.cat(probe.inputs)).mean()) if probe.inputs else 0.0
     return _attack(experiment, data, setting, spec, twin_of, seed, model, update, originals,
-                   train.images[distractors], energy, lpips_metric, images_path, train.images.shape[1:])
+                   train.images[distractors], energy, lpips_metric, images_path, train.images.shape[1:],
+                   denoisers[key])
 
 
 def _attack(experiment: Experiment, data: Data, setting: LeakageSetting, spec: Spec, twin_of: str | None,
             seed: int, model: nn.Module, update: ProtectedUpdate, originals: Tensor, distractors: Tensor,
-            energy: float, lpips_metric: LPIPSMetric, images_path: Path, image_shape: Any) -> LeakageCell:
+            energy: float, lpips_metric: LPIPSMetric, images_path: Path, image_shape: Any,
+            denoiser: KnownNoiseDenoiser | None) -> LeakageCell:
     public = data.prior
     num_classes = data.train.num_classes
     obs = observe(copy.deepcopy(model), update, image_shape=tuple(image_shape), num_classes=num_classes)
@@ -285,7 +312,7 @@ def _attack(experiment: Experiment, data: Data, setting: LeakageSetting, spec: S
         result = build_attack(attack.name, **{**overrides, **attack.params}).reconstruct(
             model=model, update=update, image_shape=tuple(image_shape), num_classes=num_classes)
         seconds += result.seconds
-        for variant, images in adaptive_variants(result.images, public.images).items():
+        for variant, images in adaptive_variants(result.images, public.images, known_noise=denoiser).items():
             s = leakage(images, originals, lpips_metric=lpips_metric)
             scores.append(VariantScore(attack.label, variant, s["psnr_best"], s["ssim_best"], s["lpips_best"]))
             if best is None or s["psnr_best"] > best[0]:
@@ -368,6 +395,39 @@ def datasets_of(cells: Sequence[LeakageCell]) -> list[str]:
     return list(dict.fromkeys(c.dataset for c in cells))
 
 
+def defense_key(name: str, params: dict[str, Any]) -> str:
+    """What a defense setting does, whatever its spelling: GradGuard settings by the configuration
+    they resolve to (``chest_xray`` is ``gradguard`` with the preset's fields), others by name and
+    parameters; seeds and the share kind do not count."""
+    params = {k: v for k, v in params.items() if k not in ("seed", "share")}
+    cls = DEFENSES[name]
+    if issubclass(cls, GuardedDefense):
+        return "gradguard:" + json.dumps(GuardConfig.preset(cls.preset, **params).public_dict(), sort_keys=True,
+                                         default=str)
+    return f"{name}:" + json.dumps(params, sort_keys=True)
+
+
+def measured_runs(paths: Sequence[Path], datasets: Sequence[str],
+                  defenses: Sequence[tuple[Spec, str | None]]) -> list[dict[str, Any]]:
+    """Each defense's utility runs from federation reports' ``results.json``: per dataset, the
+    file that measured the setting over the most seeds; the runs are relabelled to the defense."""
+    found: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
+    for path in paths:
+        by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for run in _read_json(path)["runs"]:
+            if run["defense_name"] in DEFENSES:
+                by.setdefault((run["dataset"], defense_key(run["defense_name"], run["defense_params"])), []).append(run)
+        for key, runs in by.items():
+            found.setdefault(key, []).append(runs)
+    out = []
+    for dataset in datasets:
+        for spec, _ in defenses:
+            candidates = found.get((dataset, defense_key(spec.name, dict(spec.params))), [])
+            if candidates:
+                out += [{**run, "defense": spec.label} for run in max(candidates, key=len)]
+    return out
+
+
 # ---------------------------------------------------------------------------- the run
 @dataclass
 class LeakageOutcome:
@@ -386,7 +446,8 @@ def run_leakage(experiment: Experiment, out: str | Path, *, report_dir: str | Pa
 
     root = Path(out)
     utility_layout = Layout(root / "utility")
-    _check_run(utility_layout, experiment.utility)
+    if not experiment.utility_results:
+        _check_run(utility_layout, experiment.utility)
     defenses = with_twins(experiment.defenses)
     datasets = {name: Data.load(name, experiment.image_size) for name in experiment.datasets}
     sized: dict[tuple[str, int], Data] = {}
@@ -397,17 +458,18 @@ def run_leakage(experiment: Experiment, out: str | Path, *, report_dir: str | Pa
             return datasets[name]
         return sized.setdefault((name, size), Data.load(name, size))
 
-    total = sum(len(defenses) * (len(experiment.utility.seeds) + len(experiment.settings)
-                                 * experiment.attack_seeds) for _ in datasets)
+    seeds = () if experiment.utility_results else experiment.utility.seeds
+    total = sum(len(defenses) * (len(seeds) + len(experiment.settings) * experiment.attack_seeds) for _ in datasets)
     cells: list[LeakageCell] = []
-    runs: list[dict[str, Any]] = []
+    runs = measured_runs(experiment.utility_results, [d.train.name for d in datasets.values()], defenses)
     trained = attacked = 0
     lpips_metric: LPIPSMetric | None = None
+    denoisers: dict[tuple[str, str, str], KnownNoiseDenoiser | None] = {}
     start = time.perf_counter()
     with tqdm(total=total, desc=experiment.name, disable=not experiment.progress) as bar:
         for name, data in datasets.items():
             for spec, twin_of in defenses:
-                for seed in experiment.utility.seeds:
+                for seed in seeds:
                     path = utility_layout.train(data.train.name, spec, seed)
                     if not path.is_file():
                         bar.set_postfix_str(f"{data.train.name} {spec.label} utility seed {seed}")
@@ -424,7 +486,7 @@ def run_leakage(experiment: Experiment, out: str | Path, *, report_dir: str | Pa
                             lpips_metric = lpips_metric or LPIPSMetric(device=experiment.device)
                             path.parent.mkdir(parents=True, exist_ok=True)
                             cell = leakage_cell(experiment, at_size(name, setting), setting, spec, twin_of, seed,
-                                                lpips_metric, path.with_suffix(".safetensors"))
+                                                lpips_metric, path.with_suffix(".safetensors"), denoisers)
                             _write_json(path, dataclasses.asdict(cell))
                             attacked += 1
                         cell = LeakageCell.from_dict(_read_json(path))
