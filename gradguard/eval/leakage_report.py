@@ -35,6 +35,31 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+F1_MATCH = 0.01  # micro-F1 within a point counts as matched utility
+
+
+def verdict(ours: SummaryRow, other: SummaryRow) -> str:
+    """How a GradGuard setting fares against another defense on one leaking setting.
+
+    Leakage counts only above the prior (below it an attack has learned nothing about the patient,
+    so pushing it further buys nothing): both at or below the prior is equal privacy, decided
+    by F1. Otherwise the lower leakage wins at matched micro-F1 (within a point)."""
+    if ours.micro_f1 is None or other.micro_f1 is None:
+        return "no verdict (no F1 measured)"
+    mine, theirs = max(ours.psnr_above_prior, 0.0), max(other.psnr_above_prior, 0.0)
+    gap = ours.micro_f1 - other.micro_f1
+    if mine == theirs:  # both at the prior
+        if abs(gap) <= F1_MATCH:
+            return "tie (both at the prior, F1 matched)"
+        return "GradGuard wins (both at the prior, more F1)" if gap > 0 else "**GradGuard loses** (both at the prior, less F1)"
+    less = mine < theirs
+    if abs(gap) <= F1_MATCH:
+        return "GradGuard wins (less leakage, F1 matched)" if less else "**GradGuard loses** (more leakage, F1 matched)"
+    if gap > 0:
+        return "GradGuard dominates (less leakage, more F1)" if less else "trade-off (GradGuard: more leakage, more F1)"
+    return "trade-off (GradGuard: less leakage, less F1)" if less else "**GradGuard loses** (more leakage, less F1)"
+
+
 def markdown_table(dataset: str, rows: Sequence[SummaryRow], twins: Sequence[dict[str, Any]],
                    experiment: Experiment) -> str:
     """Rows: settings; columns: defenses; cells: PSNR / SSIM above the prior, re-identification, micro-F1."""
@@ -57,8 +82,8 @@ def markdown_table(dataset: str, rows: Sequence[SummaryRow], twins: Sequence[dic
     for setting in settings:
         any_row = next(r for r in mine if r.setting == setting)
         und = any_row.undefended_psnr_above_prior
-        verdict = "leaks" if _leaks(any_row) else "**no leakage to defend**"
-        head = (f"`{setting}` ({'-' if und is None else f'{und:+.1f}'}; {_pct(any_row.reid_chance)}%) {verdict}")
+        status = "leaks" if _leaks(any_row) else "**no leakage to defend**"
+        head = (f"`{setting}` ({'-' if und is None else f'{und:+.1f}'}; {_pct(any_row.reid_chance)}%) {status}")
         values = []
         for defense in defenses:
             r = cell.get((setting, defense))
@@ -68,6 +93,23 @@ def markdown_table(dataset: str, rows: Sequence[SummaryRow], twins: Sequence[dic
             f1 = "-" if r.micro_f1 is None else f"{100 * r.micro_f1:.1f}" + ("!" if r.collapsed_runs else "")
             values.append(f"{r.psnr_above_prior:+.1f} / {r.ssim_above_prior:+.2f} / {_pct(r.reid_top1)}% / {f1}")
         lines.append(f"| {head} | " + " | ".join(values) + " |")
+    ours = [d for d in defenses if any(r.twin_of == d for r in mine)]
+    if ours:
+        lines += ["", "## Verdicts on the settings that leak", "",
+                  f"Leakage above the prior counts (below it, nothing is learned); F1 matched within "
+                  f"{100 * F1_MATCH:g} point.", ""]
+        for setting in settings:
+            if not _leaks(next(r for r in mine if r.setting == setting)):
+                continue
+            for defense in ours:
+                me = cell.get((setting, defense))
+                if me is None:
+                    continue
+                others = [cell[setting, d] for d in defenses if d not in (defense, "none") and (setting, d) in cell
+                          and d not in ours]
+                lines.append(f"- `{setting}`, `{defense}` ({me.psnr_above_prior:+.1f} dB): " + "; ".join(
+                    f"vs `{o.defense}`{' (its twin)' if o.twin_of == defense else ''} {o.psnr_above_prior:+.1f} dB: "
+                    f"{verdict(me, o)}" for o in others))
     paired = [t for t in twins if t["pairs"] and t["dataset"] == dataset]
     if paired:
         lines += ["", "## GradGuard settings against their equal-energy twins", "",

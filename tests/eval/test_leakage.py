@@ -236,3 +236,20 @@ def test_utility_comes_from_measured_runs_of_the_same_setting_whatever_its_spell
     runs = measured_runs([five, twenty], ["d"], [(Spec("none"), None), (Spec("chest_xray"), None),
                                                  (Spec("fundus"), None)])
     assert [(r["defense"], r["micro_f1"]) for r in runs] == [("none", 0.9)] * 5 + [("chest_xray", 0.7)] * 20
+
+
+def test_verdicts_count_leakage_only_above_the_prior_and_match_f1_to_a_point():
+    from gradguard.eval.bench.leakage import SummaryRow
+    from gradguard.eval.leakage_report import verdict
+
+    def row(psnr, f1):
+        return SummaryRow(dataset="d", setting="s", defense="x", twin_of=None, attacks=[], psnr_above_prior=psnr,
+                          ssim_above_prior=0.0, lpips=0.0, reid_top1=0.0, reid_chance=0.01, micro_f1=f1,
+                          macro_f1=f1, f1_seeds=5, energy_ratio=None, undefended_psnr_above_prior=10.0)
+    assert verdict(row(-5.0, 0.80), row(-1.0, 0.805)).startswith("tie")  # both below the prior
+    assert verdict(row(-5.0, 0.80), row(-1.0, 0.83)).startswith("**GradGuard loses**")
+    assert verdict(row(1.0, 0.80), row(3.0, 0.805)).startswith("GradGuard wins")
+    assert verdict(row(1.0, 0.85), row(3.0, 0.80)).startswith("GradGuard dominates")
+    assert verdict(row(1.0, 0.75), row(3.0, 0.80)).startswith("trade-off")
+    assert verdict(row(4.0, 0.80), row(3.0, 0.80)).startswith("**GradGuard loses**")
+    assert verdict(row(4.0, None), row(3.0, 0.80)).startswith("no verdict")
