@@ -253,3 +253,12 @@ def test_verdicts_count_leakage_only_above_the_prior_and_match_f1_to_a_point():
     assert verdict(row(1.0, 0.75), row(3.0, 0.80)).startswith("trade-off")
     assert verdict(row(4.0, 0.80), row(3.0, 0.80)).startswith("**GradGuard loses**")
     assert verdict(row(4.0, None), row(3.0, 0.80)).startswith("no verdict")
+
+
+def test_the_realised_energy_pairs_each_step_with_its_own_forward():
+    from gradguard.eval.bench.leakage import realised_energy
+
+    clean = [torch.full((2, 1, 2, 2), 0.5), torch.full((1, 1, 2, 2), 0.5)]
+    extra = torch.zeros(4, 4)  # a defense's extra forward of another shape
+    seen = [extra, (clean[0] + 0.5).flatten(1), clean[0].flatten(1), clean[1].flatten(1)]
+    assert realised_energy(clean, seen) == pytest.approx(2 / 3)  # 1, 1 and 0

@@ -205,6 +205,20 @@ def noise_energy(clean: Tensor, seen: Tensor) -> Tensor:
     return (seen - clean).pow(2).mean(1) / clean.pow(2).mean(1).clamp_min(1e-12)
 
 
+def realised_energy(batches: Sequence[Tensor], seen: Sequence[Tensor]) -> float:
+    """Mean :func:`noise_energy` over every image of ``batches`` (the clean local steps), each step
+    paired with the first recorded training input of its shape after the previous step's; a
+    defense's extra forwards (Soteria's scoring passes) are passed over."""
+    values, records = [], iter(seen)
+    for batch in batches:
+        clean = batch.flatten(1)
+        match = next((x for x in records if x.shape == clean.shape), None)
+        if match is None:
+            break
+        values.append(noise_energy(clean, match))
+    return float(torch.cat(values).mean()) if values else 0.0
+
+
 def _victim(experiment: Experiment, setting: LeakageSetting, data: Data, spec: Spec, seed: int,
             pretrain: Tensor, pretrain_labels: Tensor) -> nn.Module:
     torch.manual_seed(derive_seed(seed, setting.name, "init"))
@@ -284,8 +298,7 @@ def leakage_cell(experiment: Experiment, data: Data, setting: LeakageSetting, sp
     key = (data.train.name, setting.name, spec.label)
     if key not in denoisers:
         denoisers[key] = known_noise_denoiser(experiment, data, setting, spec, model)
-    clean = torch.cat([b[0] for b in batches]).flatten(1)
-    energy = float(noise_energy(clean, torch.cat(probe.inputs)).mean()) if probe.inputs else 0.0
+    energy = realised_energy([b[0] for b in batches], probe.inputs)
     return _attack(experiment, data, setting, spec, twin_of, seed, model, update, originals,
                    train.images[distractors], energy, lpips_metric, images_path, train.images.shape[1:],
                    denoisers[key])
