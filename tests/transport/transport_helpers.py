@@ -67,6 +67,13 @@ def raw_submit(address: str, client_id: str, token: str, header: pb.UpdateHeader
                                                             timeout=30)
 
 
+def write_private(path: Path, text: str) -> Path:
+    """Write a secret file the way the CLI requires it: readable by its owner only."""
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
 def state_dir_snapshot(state_dir: Path) -> dict[str, bytes]:
     """Every file of a state directory and its bytes (to show a refused call changed nothing)."""
     return {str(p.relative_to(state_dir)): p.read_bytes() for p in sorted(state_dir.rglob("*")) if p.is_file()}
