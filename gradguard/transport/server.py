@@ -258,15 +258,16 @@ class AggregatorServer:
         self._tls = tls
         tokens = TokenRegistry(clients)
         store = StateStore(state_dir, fsync=config.fsync)
-        initial = None
-        if isinstance(initial_state, (str, Path)):
-            initial = Path(initial_state)
-        elif initial_state is not None:  # tensors: torch is loaded already, by whoever made them
+        if initial_state is None or isinstance(initial_state, (str, Path)):
+            self._rounds = self._resume(None if initial_state is None else Path(initial_state), store, tokens)
+        else:  # tensors: torch is loaded already, by whoever made them
             from gradguard.transport.codec import write_tensors
             initial = store.incoming_path()
-            write_tensors(initial, initial_state)
-        self._rounds = RoundManager(initial, store=store, config=config, known_clients=tokens,
-                                    max_num_samples=tokens.max_num_samples)
+            try:
+                write_tensors(initial, initial_state)
+                self._rounds = self._resume(initial, store, tokens)
+            finally:
+                initial.unlink(missing_ok=True)
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="gradguard-rpc"),
             interceptors=[AuthInterceptor(tokens)],
@@ -285,6 +286,10 @@ class AggregatorServer:
                                    bind_certificate=tls is not None and tls.client_ca is not None)
         pb_grpc.add_AggregatorServicer_to_server(self._servicer, self._server)
         self.port: int | None = None
+
+    def _resume(self, initial: Path | None, store: StateStore, tokens: TokenRegistry) -> RoundManager:
+        return RoundManager(initial, store=store, config=self.config, known_clients=tokens,
+                            max_num_samples=tokens.max_num_samples)
 
     def start(self) -> "AggregatorServer":
         if self._tls is None:
