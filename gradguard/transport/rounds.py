@@ -32,12 +32,12 @@ from gradguard.transport.errors import TransportError
 from gradguard.transport.store import AcceptedUpdate, PastUpdate, RoundState, StateStore
 from gradguard.transport.validation import ModelSpec, UpdateReceiver, check_header
 from gradguard.transport.wire import (FLOAT_CODES, ITEM_BYTES, PIECE_BYTES, HashingWriter, MalformedSafetensors,
-                                      file_sha256, from_float64, header_bytes, iter_ranges, read_header, read_range,
+                                      file_sha256, from_float64, header_bytes, iter_ranges, max_abs, read_header, read_range,
                                       to_float64)
 
 log = logging.getLogger(__name__)
 # What closing a round holds at once: one block of every accepted update, in float64.
-_CLOSE_BUDGET_BYTES = 64 * 2**20
+_CLOSE_BUDGET_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class RoundManager:
             name, sha = store.write_global(0, _file_blocks(initial))
             self._state = RoundState(round=0, opened_at=time.time(), global_file=name, global_sha256=sha)
             store.save(self._state)
-        self._global_header = read_header(store.global_path(self._state))
+        self._open_global_file()
         store.prune(self._state)
         self._closer = threading.Thread(target=self._close_rounds, name="gradguard-round-closer", daemon=True)
 
@@ -143,6 +143,12 @@ class RoundManager:
             if not update.exists() or file_sha256(update) != record.sha256:
                 raise ValueError(f"accepted update {update} is missing or corrupted; restore the state directory")
         return spec
+
+    def _open_global_file(self) -> None:
+        """Read the layout and the per-tensor bounds of the open round's global model."""
+        path = self._store.global_path(self._state)
+        self._global_header = read_header(path)
+        self._global_bounds = max_abs(path, self._global_header)
 
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -268,12 +274,13 @@ class RoundManager:
         """Called without the lock: stream, check and flush the payload, then commit it."""
         with self._cond:
             global_path, global_header = self._store.global_path(self._state), self._global_header
+            global_bounds = self._global_bounds
         part = self._store.incoming_path()
         global_fd = os.open(global_path, os.O_RDONLY)
         try:
-            with HashingWriter(part) as writer:
+            with HashingWriter(part, writeback=self._config.fsync) as writer:
                 receiver = UpdateReceiver(writer, header=header, spec=self.spec, global_fd=global_fd,
-                                          global_header=global_header,
+                                          global_header=global_header, global_bounds=global_bounds,
                                           max_metadata_bytes=self._config.max_metadata_bytes,
                                           norm=self._config.max_update_norm is not None)
                 for chunk in chunks:
@@ -389,7 +396,7 @@ class RoundManager:
             self._closing = False
             self._cond.notify_all()
         self._state = state
-        self._global_header = read_header(self._store.global_path(state))
+        self._open_global_file()
         self._store.prune(state)
         log.info("closed round %d with %d update(s) (%d samples, %s); round %d is open", closing.round,
                  len(closing.accepted), sum(r.num_samples for r in closing.accepted.values()),
