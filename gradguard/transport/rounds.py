@@ -17,7 +17,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -209,9 +209,11 @@ class RoundManager:
                 raise self._wrong_round(round_index)
             return self._state.round, self._state.global_sha256, open(self._store.global_path(self._state), "rb")
 
-    def submit(self, client_id: str, header: pb.UpdateHeader, chunks: Iterable[bytes]) -> Ack:
+    def submit(self, client_id: str, header: pb.UpdateHeader, chunks: Iterable[bytes], *,
+               waiting: Callable[[], None] = lambda: None) -> Ack:
         """Receive, check and count one update; raises :class:`TransportError` and changes
-        nothing when any check fails."""
+        nothing when any check fails. ``waiting`` is called every second spent waiting for one
+        of the ``max_concurrent_updates`` slots (the wait is the server's, not the client's)."""
         check_header(header, client_id=client_id, max_update_bytes=self._config.max_update_bytes,
                      max_num_samples=min(self._config.max_num_samples,
                                          self._max_num_samples.get(client_id, self._config.max_num_samples)),
@@ -221,8 +223,13 @@ class RoundManager:
             known = self._known_update(client_id, header, digest)
         if known is not None:
             return known
-        with self._uploads.hold(client_id), self._slots:
-            return self._receive(client_id, header, digest, chunks)
+        with self._uploads.hold(client_id):
+            while not self._slots.acquire(timeout=1.0):
+                waiting()
+            try:
+                return self._receive(client_id, header, digest, chunks)
+            finally:
+                self._slots.release()
 
     # internals (callers hold self._cond unless said otherwise) ---------------------------------
     def _finished(self) -> bool:

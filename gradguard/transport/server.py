@@ -203,7 +203,7 @@ class _Servicer(pb_grpc.AggregatorServicer):
             if first is None or first.WhichOneof("payload") != "header":
                 raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
                                      "the first SubmitUpdate message must be the UpdateHeader")
-            ack = self._rounds.submit(client_id, first.header, _payload(request_iterator, watch))
+            ack = self._rounds.submit(client_id, first.header, _payload(request_iterator, watch), waiting=watch.touch)
         return pb.SubmitUpdateResponse(round=ack.round, sha256=ack.sha256, duplicate=ack.duplicate,
                                        accepted_in_round=ack.accepted_in_round)
 
