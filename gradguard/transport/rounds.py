@@ -32,8 +32,8 @@ from gradguard.transport.errors import TransportError
 from gradguard.transport.store import AcceptedUpdate, PastUpdate, RoundState, StateStore
 from gradguard.transport.validation import ModelSpec, UpdateReceiver, check_header
 from gradguard.transport.wire import (FLOAT_CODES, ITEM_BYTES, PIECE_BYTES, HashingWriter, MalformedSafetensors,
-                                      file_sha256, from_float64, header_bytes, iter_ranges, max_abs, read_header, read_range,
-                                      to_float64)
+                                      file_sha256, from_float64, header_bytes, iter_ranges, max_abs, read_header,
+                                      read_range, to_float64)
 
 log = logging.getLogger(__name__)
 # What closing a round holds at once: one block of every accepted update, in float64.
@@ -149,6 +149,7 @@ class RoundManager:
         path = self._store.global_path(self._state)
         self._global_header = read_header(path)
         self._global_bounds = max_abs(path, self._global_header)
+        self._store.make_round_dir(self._state.round)  # now, rather than on the first acknowledgement
 
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:

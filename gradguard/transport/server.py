@@ -47,7 +47,9 @@ def _abort(context: grpc.ServicerContext, err: Exception) -> None:
     """End the call with ``err``'s status; anything but a TransportError is a server bug."""
     client = short_id(dict(context.invocation_metadata()).get(CLIENT_ID_KEY, "?"))
     if isinstance(err, TransportError):
-        log.warning("refused a call from %s: %s", client, err)
+        # A busy server is routine under load (clients retry it): not worth a warning each time.
+        log.log(logging.INFO if err.code == grpc.StatusCode.UNAVAILABLE else logging.WARNING,
+                "refused a call from %s: %s", client, err)
         if err.open_round is not None:
             context.set_trailing_metadata(((OPEN_ROUND_KEY, str(err.open_round)),))
         context.abort(err.code, err.message)

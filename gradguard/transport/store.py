@@ -177,10 +177,14 @@ class StateStore:
         """A fresh path to receive a payload into; the caller removes it when done."""
         return self._incoming / f"{uuid.uuid4().hex}.part"
 
+    def make_round_dir(self, round_index: int) -> None:
+        """Create the folder of a round's updates (if missing)."""
+        self._make_private_dir(self.update_path(round_index, "_").parent)
+
     def commit_update(self, received: Path, round_index: int, client_id: str) -> None:
         """Move a received, checked (and, with fsync, flushed) payload among the round's updates."""
         target = self.update_path(round_index, client_id)
-        self._make_private_dir(target.parent)
+        self.make_round_dir(round_index)
         os.replace(received, target)
         if self.fsync:
             _fsync(target.parent)

@@ -18,9 +18,9 @@ import numpy as np
 from gradguard.transport._generated.v1 import aggregator_pb2 as pb
 from gradguard.transport.aggregation import combine_norms, l2_norm_squared_scaled
 from gradguard.transport.errors import TransportError
-from gradguard.transport.wire import (FLOAT_CODES, FLOAT_MAX, ITEM_BYTES, HashingWriter, Layout, MalformedSafetensors,
-                                      SafetensorsHeader, TensorEntry, canonical_order, header_bytes, parse_header, read_range,
-                                      to_float64)
+from gradguard.transport.wire import (FLOAT_CODES, FLOAT_MAX, ITEM_BYTES, HashingWriter, Layout,
+                                      MalformedSafetensors, SafetensorsHeader, TensorEntry, canonical_order, header_bytes,
+                                      parse_header, read_range, to_float64)
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -125,8 +125,9 @@ class UpdateReceiver:
     It parses the safetensors header from the first bytes (refusing one over the model's size
     plus ``max_metadata_bytes`` before reading on), checks the layout against the model, and
     checks each run of values as it arrives: finite, and finite when added to the global model
-    in its dtype (``global_bounds``: the largest |value| of each of its tensors), which keeps every later aggregate finite (each lies between the global plus the
-    smallest and plus the largest delta). With ``norm`` it also computes the update's L2 norm.
+    in its dtype (``global_bounds``: the largest |value| of each of its tensors). That keeps every
+    later aggregate finite: each lies between the global plus the smallest and plus the largest
+    delta. With ``norm`` it also computes the update's L2 norm.
     """
 
     def __init__(self, writer: HashingWriter, *, header: pb.UpdateHeader, spec: ModelSpec, global_fd: int,
@@ -182,9 +183,10 @@ class UpdateReceiver:
         if length > self._total - 8:
             raise _not_safetensors(MalformedSafetensors(f"the header length {length} exceeds the payload"))
         if length > self._max_header:
-            raise _invalid(f"the update's safetensors header is {length} bytes; this model's needs "
-                           f"{self._spec.update_header_bytes} plus at most {self._max_header - self._spec.update_header_bytes} "
-                           "of metadata (AggregatorConfig.max_metadata_bytes): send the tensors without bulky metadata")
+            needed = self._spec.update_header_bytes
+            raise _invalid(f"the update's safetensors header is {length} bytes; this model's needs {needed} plus at "
+                           f"most {self._max_header - needed} of metadata (AggregatorConfig.max_metadata_bytes): send "
+                           "the tensors without bulky metadata")
         if len(self._prefix) < 8 + length:
             return None
         try:

@@ -83,7 +83,8 @@ def _overlapping() -> bytes:
     length = int.from_bytes(_GOOD_PAYLOAD[:8], "little")
     header = json.loads(_GOOD_PAYLOAD[8:8 + length])
     first, second = sorted((v["data_offsets"] for k, v in header.items() if k != "__metadata__"))[:2]
-    text = _GOOD_PAYLOAD[8:8 + length].decode().replace(f"[{first[0]},{first[1]}]", f"[{second[0]},{second[0] + first[1] - first[0]}]", 1)
+    moved = f"[{second[0]},{second[0] + first[1] - first[0]}]"
+    text = _GOOD_PAYLOAD[8:8 + length].decode().replace(f"[{first[0]},{first[1]}]", moved, 1)
     return _GOOD_PAYLOAD[:8] + text.encode() + _GOOD_PAYLOAD[8 + length:]
 INT_BUFFER = "1.num_batches_tracked"
 
