@@ -180,7 +180,7 @@ def certificate_not_after(pem: bytes) -> datetime.datetime:
     _, tbs, _ = _der(der, 0)
     tag, start, end = _der(der, tbs)
     position = start
-    fields = []
+    fields: list[tuple[int, int]] = []
     while position < end and len(fields) < 5:
         tag, content, stop = _der(der, position)
         if tag != 0xA0:  # the optional explicit version
@@ -217,7 +217,7 @@ class ServerTLS:
     def warn_if_expiring(self, *, within: datetime.timedelta = datetime.timedelta(days=7)) -> None:
         """Log a warning when the server's certificate has expired or expires within ``within``."""
         try:
-            not_after = certificate_not_after(_read(self.certificate_chain))
+            not_after = certificate_not_after(_read(self.certificate_chain) or b"")
         except (ValueError, IndexError, UnicodeDecodeError):
             log.warning("could not read the expiry date of the server's certificate")
             return

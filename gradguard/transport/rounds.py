@@ -17,7 +17,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -32,8 +32,8 @@ from gradguard.transport.errors import TransportError
 from gradguard.transport.store import AcceptedUpdate, PastUpdate, RoundState, StateStore
 from gradguard.transport.validation import ModelSpec, UpdateReceiver, check_header
 from gradguard.transport.wire import (FLOAT_CODES, ITEM_BYTES, PIECE_BYTES, HashingWriter, MalformedSafetensors,
-                                      file_sha256, from_float64, header_bytes, iter_ranges, max_abs, read_header,
-                                      read_range, to_float64)
+                                      Layout, file_sha256, from_float64, header_bytes, iter_ranges, max_abs,
+                                      read_header, read_range, to_float64)
 
 log = logging.getLogger(__name__)
 # What closing a round holds at once: one block of every accepted update, in float64.
@@ -99,7 +99,7 @@ class RoundManager:
     """
 
     def __init__(self, initial: Path | None, *, store: StateStore, config: AggregatorConfig,
-                 known_clients: Collection[str], max_num_samples: Mapping[str, int] | None = None) -> None:
+                 known_clients: Container[str], max_num_samples: Mapping[str, int] | None = None) -> None:
         self._store = store
         self._config = config
         self._max_num_samples = dict(max_num_samples or {})
@@ -110,10 +110,9 @@ class RoundManager:
         self._stopped = False
         # The global model lives in the state directory only: it is streamed from there on fetch
         # and read piece by piece when a round closes, so the aggregator holds no model in memory.
-        initial_layout = _layout_of(initial) if initial is not None else None
         if store.exists():
             self._state = store.load()
-            self.spec = self._check_stored(initial_layout)
+            self.spec = self._check_stored(_layout_of(initial) if initial is not None else None)
             self._state.joined = [c for c in self._state.joined if c in known_clients]
             log.info("resumed round %d from %s with %d accepted update(s)", self._state.round, store.root,
                      len(self._state.accepted))
@@ -121,7 +120,7 @@ class RoundManager:
             store.check_no_orphaned_rounds()
             if initial is None:
                 raise ValueError(f"{store.root} holds no aggregator state: give the initial global model")
-            self.spec = ModelSpec(initial_layout)
+            self.spec = ModelSpec(_layout_of(initial))
             name, sha = store.write_global(0, _file_blocks(initial))
             self._state = RoundState(round=0, opened_at=time.time(), global_file=name, global_sha256=sha)
             store.save(self._state)
@@ -129,7 +128,7 @@ class RoundManager:
         store.prune(self._state)
         self._closer = threading.Thread(target=self._close_rounds, name="gradguard-round-closer", daemon=True)
 
-    def _check_stored(self, initial_layout: dict | None) -> ModelSpec:
+    def _check_stored(self, initial_layout: Layout | None) -> ModelSpec:
         path = self._store.global_path(self._state)
         if not path.exists() or file_sha256(path) != self._state.global_sha256:
             raise ValueError(f"{path} is missing or does not match its checksum in state.json; restore the "
@@ -357,8 +356,10 @@ class RoundManager:
         prefix, _ = header_bytes(base_header.layout)
         yield prefix
         with contextlib.ExitStack() as files:
-            fds = [os.open(p, os.O_RDONLY) for p in paths]
-            files.callback(lambda: [os.close(fd) for fd in fds])
+            fds = []
+            for path in paths:
+                fds.append(os.open(path, os.O_RDONLY))
+                files.callback(os.close, fds[-1])
             base_fd = os.open(self._store.global_path(closing), os.O_RDONLY)
             files.callback(os.close, base_fd)
             for name, entry in base_header.entries.items():
@@ -430,7 +431,7 @@ class RoundManager:
                 self._cond.wait(remaining if 0 < remaining < math.inf else None)
 
 
-def _layout_of(path: Path) -> dict:
+def _layout_of(path: Path) -> Layout:
     try:
         return read_header(path).layout
     except (MalformedSafetensors, OSError) as err:

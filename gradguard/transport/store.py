@@ -107,8 +107,8 @@ def _keys(data: dict, want: set[str], what: str) -> None:
 def _record(cls: type, data: Any, what: str) -> Any:
     _expect(data, dict, what)
     _keys(data, {f.name for f in fields(cls)}, what)
-    kinds = {"int": int, "str": str, "float": (int, float)}
-    return cls(**{f.name: _expect(data[f.name], kinds[f.type], f"{what}.{f.name}") for f in fields(cls)})
+    kinds: dict[str, type | tuple[type, ...]] = {"int": int, "str": str, "float": (int, float)}
+    return cls(**{f.name: _expect(data[f.name], kinds[str(f.type)], f"{what}.{f.name}") for f in fields(cls)})
 
 
 class StateStore:

@@ -200,6 +200,7 @@ class UpdateReceiver:
 
     def _consume(self, view: memoryview) -> None:
         entries = self._entries
+        assert entries is not None, "called once the header is parsed"
         while view:
             name, entry = entries[self._index]
             take = min(entry.end - self._position, len(view))

@@ -228,7 +228,7 @@ class HashingWriter:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         self._digest = hashlib.sha256()
-        self._writeback = writeback and _START_WRITEBACK is not None
+        self._start_writeback = _START_WRITEBACK if writeback else None
         self.written = 0
 
     def write(self, data: bytes | memoryview) -> None:
@@ -236,8 +236,8 @@ class HashingWriter:
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
-        if self._writeback:
-            _START_WRITEBACK(self._fd, self.written, len(data), _SYNC_FILE_RANGE_WRITE)
+        if self._start_writeback is not None:
+            self._start_writeback(self._fd, self.written, len(data), _SYNC_FILE_RANGE_WRITE)
         self.written += len(data)
 
     def fsync(self) -> None:
