@@ -2,15 +2,16 @@
 
 1. Throughput: a ResNet-18-sized update (about 45 MB) submitted through AggregatorClient to a
    `gradguard serve` process (encode, checksum, stream, check, persist, ack: the whole call), vs
-   the same bytes sent over a plain TCP socket to another process. Median of --repeats,
-   the two interleaved so that machine noise hits both alike.
-   Measured with the default fsync before each acknowledgement, and without it.
+   the same bytes sent over a plain TCP socket to another process. Median of --repeats. Two
+   servers run side by side, one with the default fsync before each acknowledgement and one
+   without, and the three variants are interleaved (in a rotating order) in one run, so that
+   machine noise hits them alike. The server's resident memory is read once it has started.
 2. Crowd: --clients concurrent clients submit to one server with a small model; every update must
    be accepted and the aggregate must equal FedAvg computed in memory (float64). Run with two
    model sizes, the server's peak resident memory is fitted as K x model size + C; K is reported
    (target: K < 3, i.e. peak under 3x model size plus a constant).
 
-    python benchmarks/transport.py [--repeats 5] [--clients 100] [--widths 512 1280]
+    python benchmarks/transport.py [--repeats 5] [--clients 100] [--widths 1024 1792] [--aggregation fedavg]
 
 Writes benchmarks/results/transport.json.
 """
@@ -49,6 +50,7 @@ def start_server(workdir: Path, state: dict[str, torch.Tensor], tokens: dict[str
     workdir.mkdir(parents=True, exist_ok=True)
     write_tensors(workdir / "model.safetensors", state)
     (workdir / "clients.json").write_text(json.dumps(tokens))
+    (workdir / "clients.json").chmod(0o600)  # the server refuses a tokens file others can read
     process = subprocess.Popen(
         [sys.executable, "-m", "gradguard.cli", "serve", "--state-dir", str(workdir / "state"),
          "--clients", str(workdir / "clients.json"), "--model", str(workdir / "model.safetensors"),
@@ -97,47 +99,63 @@ def reset_peak(pid: int) -> None:
 
 
 # -- 1. throughput --------------------------------------------------------------------------------
-def measure_throughput(repeats: int, workdir: Path, *, fsync: bool) -> dict[str, float]:
+def measure_throughput(repeats: int, workdir: Path, aggregation: str) -> dict[str, float]:
     state = resnet18(in_channels=3, num_classes=10).state_dict()
     delta = crowd_deltas(state, 1)[0]
     payload = encode_tensors(delta)
     tokens = generate_tokens(["bench"])
-    server, address = start_server(workdir, state, tokens, 1, *([] if fsync else ["--no-fsync"]))
+    servers = {fsync: start_server(workdir / f"fsync-{fsync}", state, tokens, 1, "--aggregation", aggregation,
+                                   *([] if fsync else ["--no-fsync"])) for fsync in (True, False)}
+    time.sleep(1.0)
+    idle_rss = memory_kb(servers[True][0].pid)["VmRSS"] * 1024
     sink = subprocess.Popen([sys.executable, __file__, "--tcp-sink"], stdout=subprocess.PIPE, text=True)
     port = int(sink.stdout.readline())
-    grpc_s, tcp_s, fetch_s = [], [], []
+    times: dict[str, list[float]] = {"fsync": [], "no_fsync": [], "tcp": [], "fetch": []}
+    clients = {fsync: AggregatorClient(address, client_id="bench", token=tokens["bench"])
+               for fsync, (_, address) in servers.items()}
+
+    def submit(fsync: bool, round_index: int) -> float:
+        client = clients[fsync]
+        update = ProtectedUpdate(tensors=delta, kind="delta", num_samples=1, num_steps=1, round=round_index)
+        start = time.perf_counter()
+        client.submit(update)
+        elapsed = time.perf_counter() - start
+        client.wait_for_round(round_index + 1, timeout_s=120, poll_s=0.02)
+        return elapsed
+
+    variants = {"fsync": lambda r: submit(True, r), "no_fsync": lambda r: submit(False, r),
+                "tcp": lambda r: tcp_send(port, payload)}
     try:
-        with AggregatorClient(address, client_id="bench", token=tokens["bench"]) as client:
-            client.join()
-            tcp_send(port, payload)  # warm both paths once
-            for round_index in tqdm(range(repeats + 1), desc=f"45 MB update, fsync={fsync}", unit="round"):
-                update = ProtectedUpdate(tensors=delta, kind="delta", num_samples=1, num_steps=1, round=round_index)
-                start = time.perf_counter()
-                client.submit(update)
-                elapsed = time.perf_counter() - start
-                client.wait_for_round(round_index + 1, timeout_s=120, poll_s=0.02)
-                start = time.perf_counter()
-                client.fetch_global()
-                fetched = time.perf_counter() - start
-                tcp = tcp_send(port, payload)
-                if round_index > 0:  # round 0 warms the server's code paths
-                    grpc_s.append(elapsed)
-                    fetch_s.append(fetched)
-                    tcp_s.append(tcp)
+        tcp_send(port, payload)  # warm the baseline once; round 0 warms the servers
+        for round_index in tqdm(range(repeats + 1), desc="45 MB update", unit="round"):
+            names = list(variants)
+            names = names[round_index % 3:] + names[:round_index % 3]
+            measured = {name: variants[name](round_index) for name in names}
+            start = time.perf_counter()
+            clients[True].fetch_global()
+            measured["fetch"] = time.perf_counter() - start
+            if round_index > 0:
+                for name, seconds in measured.items():
+                    times[name].append(seconds)
     finally:
-        for process in (server, sink):
+        for client in clients.values():
+            client.close()
+        for process in (*(server for server, _ in servers.values()), sink):
             process.kill()
             process.wait()
     size = len(payload)
-    grpc_median, tcp_median = statistics.median(grpc_s), statistics.median(tcp_s)
+    median = {name: statistics.median(values) for name, values in times.items()}
     return {
         "update_bytes": size,
-        "grpc_submit_s": grpc_median,
-        "tcp_send_s": tcp_median,
-        "grpc_submit_mb_s": size / MB / grpc_median,
-        "tcp_mb_s": size / MB / tcp_median,
-        "grpc_fetch_mb_s": size / MB / statistics.median(fetch_s),
-        "throughput_ratio_vs_tcp": tcp_median / grpc_median,
+        "grpc_submit_s": median["fsync"],
+        "tcp_send_s": median["tcp"],
+        "grpc_submit_mb_s": size / MB / median["fsync"],
+        "tcp_mb_s": size / MB / median["tcp"],
+        "grpc_fetch_mb_s": size / MB / median["fetch"],
+        "throughput_ratio_vs_tcp": median["tcp"] / median["fsync"],
+        "throughput_ratio_vs_tcp_without_fsync": median["tcp"] / median["no_fsync"],
+        "grpc_submit_mb_s_without_fsync": size / MB / median["no_fsync"],
+        "server_start_rss_bytes": idle_rss,
     }
 
 
@@ -165,7 +183,7 @@ def crowd_deltas(state: dict[str, torch.Tensor], clients: int) -> list[dict[str,
     return deltas
 
 
-def crowd_round(clients: int, state: dict[str, torch.Tensor], workdir: Path) -> dict[str, object]:
+def crowd_round(clients: int, state: dict[str, torch.Tensor], workdir: Path, aggregation: str) -> dict[str, object]:
     """Every client submits in round 0 (which warms the server's code paths and connections up)
     and again in round 1, which is measured: all at once, from a common start line. Returns the
     server's RSS before round 1 and its peak during it, the acks, and the aggregate's error
@@ -179,7 +197,7 @@ def crowd_round(clients: int, state: dict[str, torch.Tensor], workdir: Path) -> 
     reference = {name: state[name].double() + 2 * value for name, value in mean.items()}  # two rounds
 
     tokens = generate_tokens([f"client{i:03d}" for i in range(clients)])
-    server, address = start_server(workdir, state, tokens, min_clients=clients)
+    server, address = start_server(workdir, state, tokens, clients, "--aggregation", aggregation)
     acks, errors = [], []
     start_lines = [threading.Barrier(clients + 1) for _ in range(2)]
 
@@ -225,13 +243,13 @@ def crowd_round(clients: int, state: dict[str, torch.Tensor], workdir: Path) -> 
             "errors": errors, "error": error}
 
 
-def measure_crowd(clients: int, widths: tuple[int, int], workdir: Path) -> dict[str, object]:
+def measure_crowd(clients: int, widths: tuple[int, int], workdir: Path, aggregation: str) -> dict[str, object]:
     """The crowd with two model sizes. The server's peak RSS is fitted as K x model size + C:
     K (the slope between the two runs) is the memory the server needs per byte of model, C what it
     needs whatever the model (interpreter, libraries, connections, threads, chunk buffers)."""
     states = [small_state(width) for width in widths]
     sizes = [sum(t.numel() * t.element_size() for t in state.values()) for state in states]
-    runs = [crowd_round(clients, state, workdir / f"width{width}") for state, width in zip(states, widths)]
+    runs = [crowd_round(clients, state, workdir / f"width{width}", aggregation) for state, width in zip(states, widths)]
     slope = (runs[1]["peak"] - runs[0]["peak"]) / (sizes[1] - sizes[0])
     errors = [e for run in runs for e in run["errors"]]
     return {
@@ -254,39 +272,45 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--widths", type=int, nargs=2, default=(1024, 1792),
                         help="hidden widths of the crowd's two small models (about 8 MB and 26 MB)")
+    parser.add_argument("--aggregation", default="fedavg", choices=("fedavg", "median", "trimmed_mean"),
+                        help="the servers' rule (the crowd's reference is FedAvg, so its check needs fedavg)")
     parser.add_argument("--tcp-sink", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tcp_sink:
         return tcp_sink()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as workdir:
-        throughput = measure_throughput(args.repeats, Path(workdir) / "fsync", fsync=True)
-        unsynced = measure_throughput(args.repeats, Path(workdir) / "no-fsync", fsync=False)
-        crowd = measure_crowd(args.clients, tuple(args.widths), Path(workdir) / "crowd")
-    throughput["throughput_ratio_vs_tcp_without_fsync"] = unsynced["throughput_ratio_vs_tcp"]
-    throughput["grpc_submit_mb_s_without_fsync"] = unsynced["grpc_submit_mb_s"]
+        throughput = measure_throughput(args.repeats, Path(workdir) / "throughput", args.aggregation)
+        crowd = measure_crowd(args.clients, tuple(args.widths), Path(workdir) / "crowd", args.aggregation)
     figures = {
         "throughput_ratio_vs_tcp": round(throughput.pop("throughput_ratio_vs_tcp"), 3),
         "clients": crowd.pop("clients"),
         "clients_accepted": crowd.pop("clients_accepted"),
         "peak_rss_over_model_size": round(crowd.pop("peak_rss_over_model_size"), 3),
+        "aggregation": args.aggregation,
         **throughput, **crowd,
     }
     defaults = AggregatorConfig()
     write_result("transport", figures, {
         "repeats": args.repeats, "widths": list(args.widths), "chunk_bytes": defaults.chunk_bytes,
-        "max_workers": defaults.max_workers, "max_concurrent_updates": defaults.max_concurrent_updates,
-        "fsync": defaults.fsync, "cpus": os.cpu_count(),
-        "targets": {"throughput_ratio_vs_tcp": ">= 0.5", "peak_rss_over_model_size": "< 3"},
+        "max_workers": defaults.max_workers, "control_workers": defaults.control_workers,
+        "max_concurrent_updates": defaults.max_concurrent_updates, "fsync": defaults.fsync,
+        "aggregation": args.aggregation, "clients": args.clients, "cpus": os.cpu_count(),
+        "targets": {"throughput_ratio_vs_tcp": ">= 0.8", "peak_rss_over_model_size": "< 3",
+                    "server_idle_rss_bytes": "< 150 MB"},
         "definitions": {
             "throughput_ratio_vs_tcp": "median TCP send time / median AggregatorClient.submit time (encode, "
                                        "checksum, stream, server checks, fsync, ack) of the same bytes",
+            "server_idle_rss_bytes": "the server's RSS with every client connected, before the measured round",
+            "server_start_rss_bytes": "the RSS of a server holding the ResNet-18 model, just started",
             "peak_rss_over_model_size": "K in: server peak RSS during a round of all clients = K x model bytes "
                                         "+ C, fitted from two model sizes",
         },
     })
-    print(json.dumps({k: figures[k] for k in ("throughput_ratio_vs_tcp", "clients", "clients_accepted",
-                                              "peak_rss_over_model_size", "aggregate_correct")}))
+    print(json.dumps({k: figures[k] for k in ("throughput_ratio_vs_tcp", "throughput_ratio_vs_tcp_without_fsync",
+                                              "clients", "clients_accepted", "peak_rss_over_model_size",
+                                              "aggregate_correct", "server_idle_rss_bytes",
+                                              "server_start_rss_bytes")}))
 
 
 if __name__ == "__main__":

@@ -7,17 +7,22 @@ token was right. Tokens are never logged and never shown in a repr.
 """
 from __future__ import annotations
 
+import base64
+import datetime
 import hashlib
 import hmac
 import logging
 import re
 import secrets
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+
+from gradguard.transport.errors import TransportError
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +51,30 @@ def _digest(token: str) -> bytes:
 class TokenRegistry:
     """The known clients and the digests of their tokens."""
 
-    def __init__(self, clients: Mapping[str, str]) -> None:
-        if not clients:
-            raise ValueError("no clients: pass clients={client_id: token}, e.g. from generate_tokens(['c1', 'c2'])")
-        for client_id, token in clients.items():
+    def __init__(self, clients: Mapping[str, str | Mapping[str, Any]]) -> None:
+        if not isinstance(clients, Mapping) or not clients:
+            raise ValueError("no clients: pass clients={client_id: token} (or {client_id: {\"token\": ..., "
+                             "\"max_num_samples\": n}}), e.g. from generate_tokens(['c1', 'c2'])")
+        tokens: dict[str, str] = {}
+        self.max_num_samples: dict[str, int] = {}
+        for client_id, entry in clients.items():
             if not isinstance(client_id, str) or not _CLIENT_ID.fullmatch(client_id):
-                raise ValueError(f"client id {client_id!r} is not allowed: use 1-64 characters from "
+                raise ValueError(f"client id {short_id(client_id)} is not allowed: use 1-64 characters from "
                                  "letters, digits, '.', '_' and '-', starting with a letter or digit")
+            token = entry.get("token") if isinstance(entry, Mapping) else entry
+            if isinstance(entry, Mapping):
+                unknown = sorted(set(entry) - {"token", "max_num_samples"})
+                limit = entry.get("max_num_samples")
+                if unknown or (limit is not None and (type(limit) is not int or limit < 1)):
+                    raise ValueError(f"client {client_id!r}: an entry is {{\"token\": str, \"max_num_samples\": "
+                                     f"int >= 1 (optional)}}; got fields {unknown[:5] or sorted(entry)}")
+                if limit is not None:
+                    self.max_num_samples[client_id] = limit
             if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
                 raise ValueError(f"the token of client {client_id!r} is shorter than {MIN_TOKEN_CHARS} "
                                  "characters; use generate_tokens() or secrets.token_urlsafe(32)")
-        self._digests = {client_id: _digest(token) for client_id, token in clients.items()}
+            tokens[client_id] = token
+        self._digests = {client_id: _digest(token) for client_id, token in tokens.items()}
         self._dummy = _digest(secrets.token_urlsafe(32))
 
     def __contains__(self, client_id: object) -> bool:
@@ -77,9 +95,29 @@ class TokenRegistry:
         return client_id if self.verify(client_id, authorization[len(_BEARER):]) else None
 
 
-def authenticated_client(context: grpc.ServicerContext) -> str:
-    """The caller's client id; only valid behind :class:`AuthInterceptor`, which checked it."""
-    return dict(context.invocation_metadata())[CLIENT_ID_KEY]
+def short_id(value: object) -> str:
+    """A claimed client id fit for a log line: at most its first 64 characters."""
+    text = repr(value)
+    return text if len(text) <= 66 else f"{text[:64]}... ({len(text)} characters)"
+
+
+def authenticated_client(context: grpc.ServicerContext, *, bind_certificate: bool = False) -> str:
+    """The caller's client id; only valid behind :class:`AuthInterceptor`, which checked it.
+
+    With ``bind_certificate`` (mutual TLS) the id must also be one of the names of the client's
+    certificate (its subject CN or a subject alternative name): a client's certificate then
+    proves its id, and a stolen token is useless without the matching key.
+    """
+    client_id = dict(context.invocation_metadata())[CLIENT_ID_KEY]
+    if bind_certificate:
+        auth = context.auth_context()
+        names = {v.decode(errors="replace") for key in ("x509_common_name", "x509_subject_alternative_name")
+                 for v in auth.get(key, [])}
+        if client_id not in names:
+            raise TransportError(grpc.StatusCode.PERMISSION_DENIED,
+                                 f"client {client_id!r} presented a certificate for {sorted(names)[:4]}; under mutual "
+                                 "TLS a client's certificate must name its client id (subject CN or SAN)")
+    return client_id
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
@@ -94,8 +132,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
         metadata = handler_call_details.invocation_metadata
         if handler is None or self._tokens.authenticate(metadata):
             return handler
-        log.warning("refused %s: no valid credentials for client %r", handler_call_details.method,
-                    dict(metadata).get(CLIENT_ID_KEY))
+        log.warning("refused %s: no valid credentials for client %s", handler_call_details.method,
+                    short_id(dict(metadata).get(CLIENT_ID_KEY)))
         return _refusing(handler)
 
 
@@ -116,6 +154,47 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
                 response_serializer=handler.response_serializer)
 
 
+def check_private_file(path: Path, what: str) -> None:
+    """Refuse a secret file that other users can read."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise ValueError(f"{path} ({what}) can be read by other users (mode {mode:o}); make it private with "
+                         f"chmod 600 {path}")
+
+
+def _der(data: bytes, position: int) -> tuple[int, int, int]:
+    """(tag, start of content, end of content) of the DER element at ``position``."""
+    tag, length = data[position], data[position + 1]
+    position += 2
+    if length & 0x80:
+        count = length & 0x7F
+        length = int.from_bytes(data[position:position + count], "big")
+        position += count
+    return tag, position, position + length
+
+
+def certificate_not_after(pem: bytes) -> datetime.datetime:
+    """The expiry time of the first certificate in ``pem`` (read from its DER, no dependency)."""
+    body = pem.split(b"-----BEGIN CERTIFICATE-----", 1)[1].split(b"-----END CERTIFICATE-----", 1)[0]
+    der = base64.b64decode(b"".join(body.split()))
+    _, tbs, _ = _der(der, 0)
+    tag, start, end = _der(der, tbs)
+    position = start
+    fields: list[tuple[int, int]] = []
+    while position < end and len(fields) < 5:
+        tag, content, stop = _der(der, position)
+        if tag != 0xA0:  # the optional explicit version
+            fields.append((content, stop))
+        position = stop
+    validity_start, _ = fields[3]  # serial, signature algorithm, issuer, validity
+    _, _, not_before_end = _der(der, validity_start)
+    tag, content, stop = _der(der, not_before_end)
+    text = der[content:stop].decode()
+    if tag == 0x17:  # UTCTime: two-digit years, 50-99 in the 1900s
+        text = ("19" if int(text[:2]) >= 50 else "20") + text
+    return datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+
+
 def _read(value: bytes | str | Path | None) -> bytes | None:
     """PEM bytes as given, or read from a path."""
     if value is None or isinstance(value, bytes):
@@ -134,6 +213,20 @@ class ServerTLS:
     certificate_chain: bytes | str | Path
     private_key: bytes | str | Path = field(repr=False)
     client_ca: bytes | str | Path | None = None
+
+    def warn_if_expiring(self, *, within: datetime.timedelta = datetime.timedelta(days=7)) -> None:
+        """Log a warning when the server's certificate has expired or expires within ``within``."""
+        try:
+            not_after = certificate_not_after(_read(self.certificate_chain) or b"")
+        except (ValueError, IndexError, UnicodeDecodeError):
+            log.warning("could not read the expiry date of the server's certificate")
+            return
+        left = not_after - datetime.datetime.now(datetime.timezone.utc)
+        if left <= datetime.timedelta(0):
+            log.warning("the server's certificate EXPIRED on %s: clients will refuse it; renew it", not_after)
+        elif left <= within:
+            log.warning("the server's certificate expires on %s (in %.1f days); renew it", not_after,
+                        left.total_seconds() / 86400)
 
     def credentials(self) -> grpc.ServerCredentials:
         client_ca = _read(self.client_ca)

@@ -1,26 +1,30 @@
 """`gradguard serve` (the aggregator) and `gradguard client` (its client, for scripts and checks).
 
 Secrets never go on the command line, where other users could read them: the server reads the
-tokens from a JSON file, a client reads its token from a file or $GRADGUARD_TOKEN.
+tokens from a JSON file, a client reads its token from a file or $GRADGUARD_TOKEN; both files
+must be private to their user (chmod 600). `gradguard serve` imports no torch.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
-from gradguard.transport.auth import ClientTLS, ServerTLS
-from gradguard.transport.client import AggregatorClient
-from gradguard.transport.codec import iter_tensors, load_update, write_tensors
+from gradguard.transport.aggregation import RULES
+from gradguard.transport.auth import ClientTLS, ServerTLS, check_private_file
 from gradguard.transport.config import AggregatorConfig
 from gradguard.transport.errors import TransportError
-from gradguard.transport.server import AggregatorServer
 
 TOKEN_ENV = "GRADGUARD_TOKEN"
 
@@ -32,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="where the global model, round state and accepted updates are kept; an existing "
                             "state is resumed")
     serve.add_argument("--clients", type=Path, required=True,
-                       help='JSON file {"client_id": "token", ...} (tokens: python -c "import secrets; '
+                       help='private (chmod 600) JSON file {"client_id": "token", ...}, or {"client_id": '
+                            '{"token": "...", "max_num_samples": 500}, ...} (tokens: python -c "import secrets; '
                             'print(secrets.token_urlsafe(32))")')
     serve.add_argument("--model", type=Path,
                        help="safetensors file with the initial global state dict (needed for a new state dir)")
@@ -42,7 +47,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--round-deadline", type=float, default=defaults.round_deadline_s,
                        help="seconds after which a round closes without the missing clients (0: no deadline)")
     serve.add_argument("--max-update-mb", type=float, default=defaults.max_update_bytes / 2**20)
-    serve.add_argument("--rounds", type=int, help="exit once this many rounds are complete")
+    serve.add_argument("--aggregation", choices=RULES, default=defaults.aggregation,
+                       help="fedavg (weighted by num_samples), or a robust rule where each client has one vote: "
+                            "coordinate-wise median or trimmed_mean (see --trim-fraction)")
+    serve.add_argument("--trim-fraction", type=float, default=defaults.trim_fraction,
+                       help="share of values dropped at each end of every coordinate by trimmed_mean")
+    serve.add_argument("--max-update-norm", type=float,
+                       help="bound on an update's L2 norm (default: none); see --norm-bound")
+    serve.add_argument("--norm-bound", choices=("clip", "refuse"), default=defaults.norm_bound,
+                       help="beyond --max-update-norm, scale the update down to it or refuse it")
+    serve.add_argument("--max-num-samples", type=int, default=defaults.max_num_samples,
+                       help="largest num_samples (FedAvg weight) accepted; clients.json can lower it per client")
+    serve.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
+                       help="seconds an upload or fetch may move no data before the server cuts it")
+    serve.add_argument("--rounds", type=int,
+                       help="run this many rounds, then refuse updates and keep serving the final global model")
+    serve.add_argument("--linger", type=float,
+                       help="with --rounds: exit this many seconds after the last round (default: serve the final "
+                            "model until stopped)")
     serve.add_argument("--no-fsync", action="store_true",
                        help="acknowledge updates before they reach the disk: faster, and they still survive "
                             "a crash of the server, but not of the machine")
@@ -73,26 +95,58 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("update", type=Path)
     wait = actions.add_parser("wait", help="block until a round is open")
     wait.add_argument("--round", type=int, required=True)
-    wait.add_argument("--timeout", type=float)
+    wait.add_argument("--timeout", type=float, default=600.0, help="seconds to wait at most (default: 600)")
     client.set_defaults(func=_client)
 
 
+def _read_clients(path: Path) -> Any:
+    """The clients file, or a SystemExit that says what is wrong with it."""
+    try:
+        check_private_file(path, "the clients' tokens")
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"gradguard serve: {path} does not exist; write the clients' tokens there as JSON "
+                         '{"client_id": "token"} and chmod 600 it') from None
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"gradguard serve: {path} is not JSON ({err})") from None
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"gradguard serve: {err}") from None
+
+
+def _few_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas for this process. By default every thread that allocates gets
+    its own arena, and the server's 16 threads each keep freed chunk buffers: measured with 100
+    clients, 117 MB idle and 176 MB peak RSS with the default, 85 MB and 118 MB with 2 arenas."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def _serve(args: argparse.Namespace) -> int:
-    """Run the aggregator until SIGINT/SIGTERM (or --rounds rounds). Prints its address on stdout."""
+    """Run the aggregator until SIGINT/SIGTERM (after --rounds, for --linger seconds more if given).
+    Prints its address on stdout."""
+    from gradguard.transport.server import AggregatorServer
+
+    _few_malloc_arenas()  # before any thread starts
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    clients = json.loads(args.clients.read_text())
+    clients = _read_clients(args.clients)
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise SystemExit("gradguard serve: TLS needs both --tls-cert and --tls-key")
         tls = ServerTLS(args.tls_cert, args.tls_key, args.tls_client_ca)
-    config = AggregatorConfig(min_clients=args.min_clients, round_deadline_s=args.round_deadline or None,
-                              max_update_bytes=int(args.max_update_mb * 2**20), fsync=not args.no_fsync)
     try:
-        # Not kept in a variable: the server holds the global model on disk only, and a copy
-        # alive here would cost as much memory as the model for as long as the server runs.
-        server = AggregatorServer(dict(iter_tensors(args.model)) if args.model is not None else None,
-                                  state_dir=args.state_dir, clients=clients, config=config, tls=tls,
+        config = AggregatorConfig(
+            min_clients=args.min_clients, round_deadline_s=args.round_deadline or None, rounds=args.rounds,
+            aggregation=args.aggregation, trim_fraction=args.trim_fraction, max_update_norm=args.max_update_norm,
+            norm_bound=args.norm_bound, max_num_samples=args.max_num_samples,
+            max_update_bytes=int(args.max_update_mb * 2**20), idle_timeout_s=args.idle_timeout,
+            fsync=not args.no_fsync)
+        # The model is passed as its file: the server copies it into the state directory and
+        # never holds it in memory.
+        server = AggregatorServer(args.model, state_dir=args.state_dir, clients=clients, config=config, tls=tls,
                                   address=args.address, allow_insecure=args.allow_insecure)
     except ValueError as err:
         raise SystemExit(f"gradguard serve: {err}") from None
@@ -101,9 +155,12 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     server.start()
     print(f"listening on {server.address}", flush=True)
+    finished_at = None
     try:
         while not stop.wait(0.2):
-            if args.rounds is not None and server.current_round >= args.rounds:
+            if finished_at is None and server.finished:
+                finished_at = time.monotonic()
+            if finished_at is not None and args.linger is not None and time.monotonic() - finished_at >= args.linger:
                 break
     finally:
         server.stop()
@@ -112,7 +169,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> int:
     """One call to the aggregator; prints its result as JSON."""
-    token = args.token_file.read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV)
+    from gradguard.transport.client import AggregatorClient
+
+    token = None
+    if args.token_file:
+        try:
+            check_private_file(args.token_file, "this client's token")
+            token = args.token_file.read_text().strip()
+        except (ValueError, OSError) as err:
+            raise SystemExit(f"gradguard client: {err}") from None
+    token = token or os.environ.get(TOKEN_ENV)
     if not token:
         raise SystemExit(f"gradguard client: give the token with --token-file or ${TOKEN_ENV}")
     tls = None
@@ -121,15 +187,19 @@ def _client(args: argparse.Namespace) -> int:
     with AggregatorClient(args.address, client_id=args.client_id, token=token, tls=tls) as client:
         try:
             result = _client_action(client, args)
-        except TransportError as err:
+        except (TransportError, TimeoutError) as err:
             print(f"gradguard client {args.action}: {err}", file=sys.stderr)
             return 1
-    json.dump(result, sys.stdout)
+    # JSON has no Infinity: an absent deadline is null.
+    json.dump({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()},
+              sys.stdout, allow_nan=False)
     print()
     return 0
 
 
-def _client_action(client: AggregatorClient, args: argparse.Namespace) -> dict:
+def _client_action(client: Any, args: argparse.Namespace) -> dict:
+    from gradguard.transport.codec import load_update, write_tensors
+
     if args.action == "join":
         info = client.join()
         return {"round": info.round, "tensors": len(info.layout), "min_clients": info.min_clients}

@@ -9,8 +9,10 @@
         client.wait_for_round(round_index + 1)
 
 Every call is retried with exponential backoff while the server is UNAVAILABLE (down,
-restarting, a network blip); a resubmitted update is safe because the server treats an
-identical update as a duplicate. Every failure surfaces as :class:`TransportError`.
+restarting, busy, a network blip); a resubmitted update is safe because the server treats an
+identical update as a duplicate, even once its round has closed. Every failure surfaces as
+:class:`TransportError`; one for the wrong round carries the server's open round in
+``open_round`` (a late or restarted client then calls ``guard.begin_round(err.open_round)``).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from gradguard.transport._generated.v1 import aggregator_pb2_grpc as pb_grpc
 from gradguard.transport.auth import ClientTLS, call_metadata
 from gradguard.transport.codec import (CHUNK_BYTES, TensorPayload, decode_tensors, sha256_hex, submit_messages,
                                        update_header)
-from gradguard.transport.errors import TransportError
+from gradguard.transport.errors import OPEN_ROUND_KEY, TransportError
 from gradguard.transport.rounds import Ack, RoundStatus
 from gradguard.update import ProtectedUpdate
 
@@ -47,7 +49,7 @@ class RetryPolicy:
     clients that lost the same server do not come back in lockstep.
     """
 
-    attempts: int = 6
+    attempts: int = 8
     initial_backoff_s: float = 0.25
     max_backoff_s: float = 8.0
     multiplier: float = 2.0
@@ -103,6 +105,7 @@ class AggregatorClient:
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
         self._metadata = call_metadata(client_id, token)
+        self._tls = tls
         options = retry.channel_options()
         if tls is None:
             self._channel = grpc.insecure_channel(address, options=options)
@@ -132,8 +135,27 @@ class AggregatorClient:
                     time.sleep(delay)
                     continue
                 tried = f" (after {tries} attempts)" if tries > 1 else ""
-                raise TransportError(code, f"{what} to {self.address} failed{tried}: {err.details()}") from None
+                raise TransportError(code, f"{what} to {self.address} failed{tried}: {err.details()}"
+                                     f"{self._hint(code, err.details() or '')}",
+                                     open_round=_open_round(err)) from None
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _hint(self, code: grpc.StatusCode, details: str) -> str:
+        """The likely cause of a connection that never got through, which gRPC reports only as
+        UNAVAILABLE with a socket-level message."""
+        if code != grpc.StatusCode.UNAVAILABLE or "busy" in details or "in flight" in details:
+            return ""
+        if self._tls is None:
+            return (". Is the server up at this address? If it speaks TLS, connect with "
+                    "tls=ClientTLS(root_certificates=...) (gradguard client --tls-ca)")
+        if self._tls.certificate_chain is None:
+            mutual = ("; if the server requires mutual TLS (--tls-client-ca), give this client's certificate "
+                      "and key (ClientTLS(certificate_chain=..., private_key=...), --tls-cert/--tls-key)")
+        else:
+            mutual = "; check that the client certificate is signed by the CA the server trusts (--tls-client-ca)"
+        return (". Is the server up at this address? Check that root_certificates (--tls-ca) is the CA that "
+                "signed the server's certificate and that the certificate names this host (else set "
+                f"server_name); check that the server speaks TLS at all{mutual}")
 
     def join(self) -> JoinInfo:
         """Register with the federation: the server then waits for this client in every round."""
@@ -169,7 +191,9 @@ class AggregatorClient:
         Raises :class:`TransportError` with the server's status when it refuses the update:
         INVALID_ARGUMENT (layout, dtype, non-finite values, malformed payload),
         FAILED_PRECONDITION (not the open round), RESOURCE_EXHAUSTED (too large),
-        ALREADY_EXISTS (a different update of this client is in), DATA_LOSS (corrupted).
+        ALREADY_EXISTS (a different update of this client is in, or these bytes with another
+        header), DATA_LOSS (corrupted). A retry of an update already accepted, even after its
+        round closed, returns its receipt with ``duplicate=True``.
         """
         if update.client_id and update.client_id != self.client_id:
             raise ValueError(f"the update is client {update.client_id!r}'s but this client is {self.client_id!r}")
@@ -190,9 +214,10 @@ class AggregatorClient:
             seconds_to_deadline=response.seconds_to_deadline, joined=response.joined,
             submitted=response.submitted)
 
-    def wait_for_round(self, round_index: int, timeout_s: float | None = None,
+    def wait_for_round(self, round_index: int, timeout_s: float | None = 600.0,
                        *, poll_s: float = 0.25) -> RoundStatus:
-        """Poll until round ``round_index`` is open; raises TimeoutError after ``timeout_s``."""
+        """Poll until round ``round_index`` is open; raises TimeoutError after ``timeout_s``
+        (None: wait for ever)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while (status := self.status()).round < round_index:
             if deadline is not None and time.monotonic() >= deadline:
@@ -200,3 +225,11 @@ class AggregatorClient:
                                    f"has {status.accepted_in_round} update(s), needs {status.min_clients}")
             time.sleep(poll_s)
         return status
+
+
+def _open_round(err: grpc.RpcError) -> int | None:
+    """The open round the server named in a refusal's trailing metadata, if any."""
+    for key, value in (err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else ():
+        if key == OPEN_ROUND_KEY and str(value).isdigit():
+            return int(value)
+    return None

@@ -9,9 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import struct
+import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors
@@ -19,14 +18,8 @@ import safetensors.torch
 import torch
 
 from gradguard.transport._generated.v1 import aggregator_pb2 as pb
+from gradguard.transport.wire import CHUNK_BYTES, canonical_order, header_bytes, read_header, read_range
 from gradguard.update import ProtectedUpdate
-
-CHUNK_BYTES = 1 << 20  # 1 MiB, the largest chunk a client sends: a quarter of gRPC's default limit
-# The largest message a server accepts: a chunk plus room for a header. Bounding it bounds what
-# one call can make the server hold at once, whatever chunk size a client would like to use.
-MAX_MESSAGE_BYTES = CHUNK_BYTES + (64 << 10)
-PIECE_BYTES = 1 << 20  # what the server holds of one update at a time while checking or summing it
-_READ_BYTES = 1 << 20
 
 # safetensors' dtype codes for the dtypes a model state may hold.
 DTYPE_CODES: dict[torch.dtype, str] = {
@@ -35,7 +28,6 @@ DTYPE_CODES: dict[torch.dtype, str] = {
     torch.uint8: "U8", torch.bool: "BOOL",
 }
 CODE_DTYPES: dict[str, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
-FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 
 _UPDATE_METADATA_KEY = "gradguard.update"  # safetensors metadata entry of a saved update
 
@@ -57,20 +49,11 @@ class TensorPayload:
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str] | None = None) -> None:
-        items = sorted(((name, t.detach().cpu().contiguous()) for name, t in tensors.items()),
-                       key=lambda item: (-item[1].element_size(), item[0]))
-        header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
-        offset = 0
-        for name, tensor in items:
-            size = tensor.numel() * tensor.element_size()
-            header[name] = {"dtype": dtype_code(tensor.dtype), "shape": list(tensor.shape),
-                            "data_offsets": [offset, offset + size]}
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-        self._prefix = struct.pack("<Q", len(raw)) + raw
-        self._tensors = [tensor for _, tensor in items]
-        self.total_bytes = len(self._prefix) + offset
+        contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        layout = canonical_order({name: (dtype_code(t.dtype), tuple(t.shape)) for name, t in contiguous.items()})
+        self._prefix, _ = header_bytes(layout, metadata)
+        self._tensors = [contiguous[name] for name in layout]
+        self.total_bytes = len(self._prefix) + sum(t.numel() * t.element_size() for t in self._tensors)
 
     def buffers(self) -> Iterator[memoryview]:
         """The payload as consecutive views: the header, then each tensor's bytes."""
@@ -128,73 +111,24 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_READ_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
     """Write ``tensors`` as a safetensors file; returns the file's SHA-256."""
     return TensorPayload(tensors).write(path)
 
 
-def read_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``name -> (dtype code, shape)`` of a safetensors file, validating its header.
-
-    Only the header is read. Raises ``safetensors.SafetensorError`` (or ``OSError``) for a file
-    that is not well-formed safetensors: bad header, offsets outside the data, trailing bytes.
-    """
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        slices = {name: f.get_slice(name) for name in f.keys()}
-        return {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in slices.items()}
-
-
-@dataclass(frozen=True)
-class TensorPiece:
-    """A run of consecutive elements of one tensor, as read from a file."""
-
-    name: str
-    shape: tuple[int, ...]
-    start: int  # index of values[0] in the flattened tensor
-    values: torch.Tensor  # 1-D
-
-
-def iter_pieces(path: Path, *, max_bytes: int | None = PIECE_BYTES) -> Iterator[TensorPiece]:
-    """The tensors of a safetensors file in file order, in pieces of at most ``max_bytes``
-    (None: whole tensors).
-
-    Reads byte ranges into fresh buffers instead of memory-mapping the file, so the caller's
-    resident memory grows by one piece, not by the file: this is what keeps the aggregator's
-    memory flat while many updates are checked and summed.
-    """
-    read_layout(path)  # safetensors validates the header and the offsets first
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        base = 8 + header_len
-        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            dtype = CODE_DTYPES.get(entry["dtype"])
-            if dtype is None:
-                raise ValueError(f"tensor {name!r} has dtype {entry['dtype']}, which gradguard does not handle")
-            start, end = entry["data_offsets"]
-            shape = tuple(entry["shape"])
-            step = end - start if max_bytes is None else max(1, max_bytes // dtype.itemsize) * dtype.itemsize
-            f.seek(base + start)
-            for offset in range(start, end, step) if end > start else [start]:  # empty: one empty piece
-                buffer = bytearray(min(step, end - offset))
-                f.readinto(buffer)
-                values = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-                yield TensorPiece(name, shape, (offset - start) // dtype.itemsize, values)
-
-
 def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The whole tensors of a safetensors file, one at a time (see :func:`iter_pieces`)."""
-    for piece in iter_pieces(path, max_bytes=None):
-        yield piece.name, piece.values.reshape(piece.shape)
+    """The tensors of a safetensors file, one at a time, each read into its own buffer (the
+    file is not memory-mapped, so memory grows by one tensor, not by the file)."""
+    header = read_header(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name, entry in header.entries.items():
+            raw = bytearray(read_range(fd, header, name, 0, entry.numel))
+            values = torch.frombuffer(raw, dtype=CODE_DTYPES[entry.code]) if raw else torch.empty(
+                0, dtype=CODE_DTYPES[entry.code])
+            yield name, values.reshape(entry.shape)
+    finally:
+        os.close(fd)
 
 
 def update_header(update: ProtectedUpdate, payload: TensorPayload, *, client_id: str) -> pb.UpdateHeader:

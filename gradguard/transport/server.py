@@ -9,41 +9,53 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
 import math
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-import torch
 
 from gradguard.transport._generated.v1 import aggregator_pb2 as pb
 from gradguard.transport._generated.v1 import aggregator_pb2_grpc as pb_grpc
-from gradguard.transport.auth import CLIENT_ID_KEY, AuthInterceptor, ServerTLS, TokenRegistry, authenticated_client
-from gradguard.transport.codec import MAX_MESSAGE_BYTES
+from gradguard.transport.auth import (CLIENT_ID_KEY, AuthInterceptor, ServerTLS, TokenRegistry, authenticated_client,
+                                      short_id)
 from gradguard.transport.config import AggregatorConfig
-from gradguard.transport.errors import TransportError
-from gradguard.transport.rounds import RoundManager, RoundStatus
+from gradguard.transport.errors import OPEN_ROUND_KEY, TransportError
+from gradguard.transport.rounds import OnePerClient, RoundManager, RoundStatus
 from gradguard.transport.store import StateStore
+from gradguard.transport.wire import MAX_MESSAGE_BYTES
+
+if TYPE_CHECKING:  # the server itself never imports torch
+    import torch
 
 log = logging.getLogger(__name__)
 _Response = TypeVar("_Response")
+_MAX_METADATA_BYTES = 8 << 10  # a call's gRPC metadata: ids, token, gRPC's own entries
 
 
 def _abort(context: grpc.ServicerContext, err: Exception) -> None:
     """End the call with ``err``'s status; anything but a TransportError is a server bug."""
-    client = dict(context.invocation_metadata()).get(CLIENT_ID_KEY, "?")
+    client = short_id(dict(context.invocation_metadata()).get(CLIENT_ID_KEY, "?"))
     if isinstance(err, TransportError):
-        log.warning("refused a call from %s: %s", client, err)
+        # A busy server is routine under load (clients retry it): not worth a warning each time.
+        log.log(logging.INFO if err.code == grpc.StatusCode.UNAVAILABLE else logging.WARNING,
+                "refused a call from %s: %s", client, err)
+        if err.open_round is not None:
+            context.set_trailing_metadata(((OPEN_ROUND_KEY, str(err.open_round)),))
         context.abort(err.code, err.message)
     if not context.is_active():
-        context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the call")
+        context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled (by its client, or by the server's "
+                                                 "call or idle timeout)")
     log.error("internal error on a call from %s", client, exc_info=err)
     context.abort(grpc.StatusCode.INTERNAL, "the aggregator failed on this call; its log has the details")
 
@@ -59,8 +71,70 @@ def _unary_response(method: Callable[..., _Response]) -> Callable[..., _Response
     return wrapper
 
 
-def _payload(requests: Iterator[pb.SubmitUpdateRequest]) -> Iterator[bytes]:
+class _Watch:
+    """One stream under the watchdog: when it started, when it last moved."""
+
+    def __init__(self, context: grpc.ServicerContext, what: str) -> None:
+        self.context = context
+        self.what = what
+        self.started = self.moved = time.monotonic()
+
+    def touch(self) -> None:
+        self.moved = time.monotonic()
+
+
+class _Watchdog:
+    """Cancels streams that exceed the server's own call deadline or stay idle too long, so a
+    client that stalls (or never reads what it asked for) frees its thread."""
+
+    def __init__(self, *, call_timeout_s: float, idle_timeout_s: float) -> None:
+        self._call_timeout_s = call_timeout_s
+        self._idle_timeout_s = idle_timeout_s
+        self._watched: set[_Watch] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gradguard-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @contextlib.contextmanager
+    def watch(self, context: grpc.ServicerContext, what: str) -> Iterator[_Watch]:
+        watched = _Watch(context, what)
+        with self._lock:
+            self._watched.add(watched)
+        try:
+            yield watched
+        finally:
+            with self._lock:
+                self._watched.discard(watched)
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self._idle_timeout_s / 4)):
+            now = time.monotonic()
+            with self._lock:
+                watched = list(self._watched)
+            for call in watched:
+                if now - call.started > self._call_timeout_s:
+                    reason = f"took over the server's call timeout of {self._call_timeout_s:g} s"
+                elif now - call.moved > self._idle_timeout_s:
+                    reason = f"moved no data for {self._idle_timeout_s:g} s"
+                else:
+                    continue
+                log.warning("cancelled %s: it %s", call.what, reason)
+                with self._lock:
+                    self._watched.discard(call)
+                call.context.cancel()
+
+
+def _payload(requests: Iterator[pb.SubmitUpdateRequest], watch: _Watch) -> Iterator[bytes]:
     for message in requests:
+        watch.touch()
         if message.WhichOneof("payload") != "data":
             raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
                                  "only the first SubmitUpdate message may be a header; the rest carry data")
@@ -68,13 +142,35 @@ def _payload(requests: Iterator[pb.SubmitUpdateRequest]) -> Iterator[bytes]:
 
 
 class _Servicer(pb_grpc.AggregatorServicer):
-    def __init__(self, rounds: RoundManager, config: AggregatorConfig) -> None:
+    def __init__(self, rounds: RoundManager, config: AggregatorConfig, *, bind_certificate: bool) -> None:
         self._rounds = rounds
         self._config = config
+        self._bind_certificate = bind_certificate
+        self.watchdog = _Watchdog(call_timeout_s=config.call_timeout_s, idle_timeout_s=config.idle_timeout_s)
+        # Uploads and fetches share the threads but control_workers of them: Join and GetStatus
+        # are always served, however many streams are open or stalled.
+        self._stream_slots = threading.BoundedSemaphore(config.stream_workers)
+        self._fetches = OnePerClient("fetch", retry_hint="a stalled one is cut after "
+                                     f"{config.idle_timeout_s:g} s")
+
+    def _client(self, context: grpc.ServicerContext) -> str:
+        return authenticated_client(context, bind_certificate=self._bind_certificate)
+
+    @contextlib.contextmanager
+    def _stream(self, context: grpc.ServicerContext, what: str) -> Iterator[_Watch]:
+        if not self._stream_slots.acquire(blocking=False):
+            raise TransportError(grpc.StatusCode.UNAVAILABLE,
+                                 f"the server is busy: {self._config.stream_workers} uploads and fetches are in "
+                                 "flight (AggregatorConfig.max_workers - control_workers); retry shortly")
+        try:
+            with self.watchdog.watch(context, what) as watch:
+                yield watch
+        finally:
+            self._stream_slots.release()
 
     @_unary_response
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
-        round_index = self._rounds.join(authenticated_client(context))
+        round_index = self._rounds.join(self._client(context))
         deadline = self._config.round_deadline_s
         return pb.JoinResponse(round=round_index, tensors=self._rounds.spec.to_proto(),
                                max_update_bytes=self._config.max_update_bytes,
@@ -83,31 +179,39 @@ class _Servicer(pb_grpc.AggregatorServicer):
 
     def FetchGlobal(self, request: pb.FetchGlobalRequest,
                     context: grpc.ServicerContext) -> Iterator[pb.GlobalModelChunk]:
-        try:
-            round_index, sha256, file = self._rounds.open_global(request.round if request.HasField("round") else None)
-        except Exception as err:
-            _abort(context, err)
-        with file:
-            header = pb.GlobalModelHeader(round=round_index, total_bytes=os.fstat(file.fileno()).st_size,
-                                          sha256=sha256)
-            yield pb.GlobalModelChunk(header=header)
-            while chunk := file.read(self._config.chunk_bytes):
-                yield pb.GlobalModelChunk(data=chunk)
+        with contextlib.ExitStack() as held:
+            try:
+                client_id = self._client(context)
+                held.enter_context(self._fetches.hold(client_id))
+                watch = held.enter_context(self._stream(context, f"a fetch of client {client_id}"))
+                round_index, sha256, file = self._rounds.open_global(
+                    request.round if request.HasField("round") else None)
+            except Exception as err:
+                _abort(context, err)
+            with file:
+                header = pb.GlobalModelHeader(round=round_index, total_bytes=os.fstat(file.fileno()).st_size,
+                                              sha256=sha256)
+                yield pb.GlobalModelChunk(header=header)
+                while chunk := file.read(self._config.chunk_bytes):
+                    watch.touch()  # the previous message was taken: the client reads
+                    yield pb.GlobalModelChunk(data=chunk)
 
     @_unary_response
     def SubmitUpdate(self, request_iterator: Iterator[pb.SubmitUpdateRequest],
                      context: grpc.ServicerContext) -> pb.SubmitUpdateResponse:
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("payload") != "header":
-            raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
-                                 "the first SubmitUpdate message must be the UpdateHeader")
-        ack = self._rounds.submit(authenticated_client(context), first.header, _payload(request_iterator))
+        client_id = self._client(context)
+        with self._stream(context, f"an upload of client {client_id}") as watch:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("payload") != "header":
+                raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
+                                     "the first SubmitUpdate message must be the UpdateHeader")
+            ack = self._rounds.submit(client_id, first.header, _payload(request_iterator, watch), waiting=watch.touch)
         return pb.SubmitUpdateResponse(round=ack.round, sha256=ack.sha256, duplicate=ack.duplicate,
                                        accepted_in_round=ack.accepted_in_round)
 
     @_unary_response
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
-        status = self._rounds.status(authenticated_client(context))
+        status = self._rounds.status(self._client(context))
         return pb.StatusResponse(
             round=status.round, accepted_in_round=status.accepted_in_round, joined_clients=status.joined_clients,
             min_clients=status.min_clients, seconds_to_deadline=status.seconds_to_deadline,
@@ -125,20 +229,24 @@ def _is_loopback(host: str) -> bool:
 
 
 class AggregatorServer:
-    """A FedAvg aggregator served over gRPC, in this process.
+    """An aggregator served over gRPC, in this process (it needs no torch of its own).
 
-    initial_state: the global model's state dict at round 0; may be None when ``state_dir``
-        already holds a state, which is then resumed (the open round and its accepted updates).
-    state_dir: where the global model, the round state and the accepted updates are kept.
-    clients: ``{client_id: token}`` of every client allowed to take part.
-    config: the round policy and limits (:class:`AggregatorConfig`).
-    tls: the server's certificate (and optionally the CA for mutual TLS). Without it the server
-        speaks plaintext, which is only allowed on a loopback address unless ``allow_insecure``.
+    initial_state: the global model at round 0: a state dict, or the path of a safetensors file
+        holding one; may be None when ``state_dir`` already holds a state, which is then resumed
+        (the open round and its accepted updates).
+    state_dir: where the global model, the round state and the accepted updates are kept
+        (created 0700; a directory holding rounds but no state.json is refused, never wiped).
+    clients: ``{client_id: token}`` of every client allowed to take part, or
+        ``{client_id: {"token": token, "max_num_samples": n}}`` to bound a client's weight.
+    config: the round policy, aggregation rule and limits (:class:`AggregatorConfig`).
+    tls: the server's certificate (and optionally the CA for mutual TLS, under which a client's
+        certificate must name its client id). Without it the server speaks plaintext, which is
+        only allowed on a loopback address unless ``allow_insecure``.
     address: ``host:port`` to listen on; port 0 picks a free port (see :attr:`port`).
     """
 
-    def __init__(self, initial_state: Mapping[str, torch.Tensor] | None = None, *, state_dir: str | Path,
-                 clients: Mapping[str, str], config: AggregatorConfig = AggregatorConfig(),
+    def __init__(self, initial_state: Mapping[str, torch.Tensor] | str | Path | None = None, *,
+                 state_dir: str | Path, clients: Mapping[str, Any], config: AggregatorConfig = AggregatorConfig(),
                  tls: ServerTLS | None = None, address: str = "127.0.0.1:0", allow_insecure: bool = False) -> None:
         self._host, _, port = address.rpartition(":")
         if not self._host or not port.isdigit():
@@ -151,8 +259,17 @@ class AggregatorServer:
         self._address = address
         self._tls = tls
         tokens = TokenRegistry(clients)
-        self._rounds = RoundManager(initial_state, store=StateStore(state_dir, fsync=config.fsync),
-                                    config=config, known_clients=tokens)
+        store = StateStore(state_dir, fsync=config.fsync)
+        if initial_state is None or isinstance(initial_state, (str, Path)):
+            self._rounds = self._resume(None if initial_state is None else Path(initial_state), store, tokens)
+        else:  # tensors: torch is loaded already, by whoever made them
+            from gradguard.transport.codec import write_tensors
+            initial = store.incoming_path()
+            try:
+                write_tensors(initial, initial_state)
+                self._rounds = self._resume(initial, store, tokens)
+            finally:
+                initial.unlink(missing_ok=True)
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="gradguard-rpc"),
             interceptors=[AuthInterceptor(tokens)],
@@ -164,28 +281,38 @@ class AggregatorServer:
                 # with 100 clients, against 4x without).
                 ("grpc.http2.bdp_probe", 0),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_metadata_size", _MAX_METADATA_BYTES),
             ],
         )
-        pb_grpc.add_AggregatorServicer_to_server(_Servicer(self._rounds, config), self._server)
+        self._servicer = _Servicer(self._rounds, config,
+                                   bind_certificate=tls is not None and tls.client_ca is not None)
+        pb_grpc.add_AggregatorServicer_to_server(self._servicer, self._server)
         self.port: int | None = None
+
+    def _resume(self, initial: Path | None, store: StateStore, tokens: TokenRegistry) -> RoundManager:
+        return RoundManager(initial, store=store, config=self.config, known_clients=tokens,
+                            max_num_samples=tokens.max_num_samples)
 
     def start(self) -> "AggregatorServer":
         if self._tls is None:
             port = self._server.add_insecure_port(self._address)
         else:
+            self._tls.warn_if_expiring()
             port = self._server.add_secure_port(self._address, self._tls.credentials())
         if not port:
             raise RuntimeError(f"cannot listen on {self._address}: is the port in use?")
         self.port = port
         self._server.start()
         self._rounds.start()
-        log.info("aggregator listening on %s (round %d, %s)", self.address, self.current_round,
-                 "TLS" if self._tls else "plaintext")
+        self._servicer.watchdog.start()
+        log.info("aggregator listening on %s (round %d, %s, %s)", self.address, self.current_round,
+                 "TLS" if self._tls else "plaintext", self.config.aggregation)
         return self
 
     def stop(self, grace_s: float | None = 1.0) -> None:
         """Stop serving; calls in flight get ``grace_s`` seconds to finish."""
         self._server.stop(grace_s).wait()
+        self._servicer.watchdog.stop()
         self._rounds.stop()
 
     def __enter__(self) -> "AggregatorServer":
@@ -206,15 +333,22 @@ class AggregatorServer:
     def current_round(self) -> int:
         return self._rounds.round
 
+    @property
+    def finished(self) -> bool:
+        """Whether ``config.rounds`` rounds are complete (the server then serves the final model)."""
+        return self._rounds.finished
+
     def global_state(self) -> dict[str, torch.Tensor]:
-        """A copy of the global model of the open round."""
-        return self._rounds.global_state()
+        """A copy of the global model of the open round (as torch tensors)."""
+        from gradguard.transport.codec import iter_tensors
+        return dict(iter_tensors(self._rounds.global_path()))
 
     def status(self) -> RoundStatus:
         return self._rounds.status()
 
-    def wait_for_round(self, round_index: int, timeout_s: float | None = None) -> None:
-        """Block until round ``round_index`` is open; raises TimeoutError after ``timeout_s``."""
+    def wait_for_round(self, round_index: int, timeout_s: float | None = 600.0) -> None:
+        """Block until round ``round_index`` is open; raises TimeoutError after ``timeout_s``
+        (None: wait for ever)."""
         if not self._rounds.wait_for_round(round_index, timeout_s):
             status = self.status()
             raise TimeoutError(f"round {round_index} did not open within {timeout_s} s: round {status.round} has "

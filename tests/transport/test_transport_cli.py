@@ -5,7 +5,7 @@ import json
 
 import grpc
 import pytest
-from transport_helpers import assert_states_close, make_update, reference_fedavg, small_state
+from transport_helpers import assert_states_close, make_update, reference_fedavg, small_state, write_private
 
 from gradguard.cli import main
 from gradguard.transport.codec import iter_tensors, save_update
@@ -15,7 +15,7 @@ STATE = small_state()
 
 def test_client_commands_join_fetch_submit_wait(start_server, tokens, tmp_path, capsys):
     server = start_server(STATE, clients=tokens, round_deadline_s=None)
-    (tmp_path / "token").write_text(tokens["c1"] + "\n")
+    write_private(tmp_path / "token", tokens["c1"] + "\n")
     base = ["client", "--address", server.address, "--client-id", "c1", "--token-file", str(tmp_path / "token")]
 
     def run(*args: str) -> dict:
@@ -31,7 +31,9 @@ def test_client_commands_join_fetch_submit_wait(start_server, tokens, tmp_path, 
     assert run("wait", "--round", "1", "--timeout", "10")["round"] == 1
     assert_states_close(server.global_state(), reference_fedavg(STATE, [update]), atol=1e-7)
 
-    assert main([*base, "submit", str(tmp_path / "update.safetensors")]) == 1
+    assert run("submit", str(tmp_path / "update.safetensors"))["duplicate"]  # a retry after the round closed
+    save_update(make_update(STATE, seed=4, num_samples=5, client_id="c1"), tmp_path / "late.safetensors")
+    assert main([*base, "submit", str(tmp_path / "late.safetensors")]) == 1
     assert grpc.StatusCode.FAILED_PRECONDITION.name in capsys.readouterr().err
 
 

@@ -10,8 +10,9 @@ import safetensors.torch
 import torch
 
 import gradguard.transport._generated.v1 as generated
-from gradguard.transport.codec import (TensorPayload, decode_tensors, encode_tensors, file_sha256, iter_pieces,
-                                       iter_tensors, load_update, save_update, write_tensors)
+from gradguard.transport.codec import (TensorPayload, decode_tensors, encode_tensors, iter_tensors, load_update,
+                                       save_update, write_tensors)
+from gradguard.transport.wire import MalformedSafetensors, file_sha256, from_float64, read_header, to_float64
 from gradguard.update import ProtectedUpdate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +55,7 @@ def test_iter_tensors_reads_what_safetensors_reads(tmp_path):
 
 def test_iter_tensors_refuses_a_malformed_file(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(encode_tensors(TENSORS)[:-3])
-    with pytest.raises(safetensors.SafetensorError):
+    with pytest.raises(MalformedSafetensors):
         list(iter_tensors(tmp_path / "bad.safetensors"))
 
 
@@ -69,15 +70,24 @@ def test_payload_chunks_checksum_and_file_agree_with_its_bytes(tmp_path):
     assert file_sha256(tmp_path / "p.safetensors") == payload.sha256()
 
 
-def test_pieces_cover_each_tensor_in_order(tmp_path):
-    big = {"w": torch.randn(1000, 3), "h": torch.randn(7).half()}
-    write_tensors(tmp_path / "t.safetensors", big)
-    pieces = list(iter_pieces(tmp_path / "t.safetensors", max_bytes=1000))
-    for name, tensor in big.items():
-        mine = [p for p in pieces if p.name == name]
-        assert all(p.shape == tuple(tensor.shape) for p in mine)
-        assert [p.start for p in mine] == list(range(0, tensor.numel(), 1000 // tensor.element_size()))
-        assert torch.equal(torch.cat([p.values for p in mine]), tensor.reshape(-1))
+def test_the_numpy_reader_agrees_with_safetensors_on_layout_and_values(tmp_path):
+    write_tensors(tmp_path / "t.safetensors", TENSORS)
+    header = read_header(tmp_path / "t.safetensors")
+    with safetensors.safe_open(str(tmp_path / "t.safetensors"), framework="pt") as f:
+        assert set(header.entries) == set(f.keys())
+    raw = (tmp_path / "t.safetensors").read_bytes()
+    for name in ("f32", "bf16", "f16", "f64"):
+        entry = header.entries[name]
+        values = to_float64(entry.code, raw[header.data_start + entry.start:header.data_start + entry.end])
+        assert torch.equal(torch.from_numpy(values), TENSORS[name].double().reshape(-1)), name
+        # float64 -> the dtype rounds to nearest, so a value of the dtype survives the round trip
+        assert from_float64(entry.code, values) == raw[header.data_start + entry.start:header.data_start + entry.end]
+
+
+def test_bfloat16_rounding_matches_torch():
+    values = torch.randn(1000, dtype=torch.float64) * 1e3
+    want = values.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+    assert from_float64("BF16", values.numpy()) == want
 
 
 def test_saved_update_round_trips_with_its_metadata(tmp_path):

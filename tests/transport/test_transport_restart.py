@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from transport_helpers import assert_states_close, make_update, reference_fedavg, small_state
+from transport_helpers import assert_states_close, make_update, reference_fedavg, small_state, write_private
 
 from gradguard.transport import AggregatorClient, RetryPolicy, generate_tokens
 from gradguard.transport.codec import write_tensors
@@ -32,7 +32,7 @@ def _serve(tmp_path: Path, address: str) -> tuple[subprocess.Popen, str]:
 
 def test_sigkill_mid_round_loses_no_acknowledged_update(tmp_path, caplog):
     tokens = generate_tokens(["c1", "c2", "c3"])
-    (tmp_path / "clients.json").write_text(json.dumps(tokens))
+    write_private(tmp_path / "clients.json", json.dumps(tokens))
     write_tensors(tmp_path / "model.safetensors", STATE)
     updates = {cid: make_update(STATE, seed=i, num_samples=2 ** i, client_id=cid) for i, cid in enumerate(tokens)}
     retry = RetryPolicy(attempts=400, initial_backoff_s=0.05, max_backoff_s=0.25)  # ~100 s: a loaded machine starts slowly

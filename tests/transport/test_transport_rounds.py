@@ -9,9 +9,6 @@ import torch
 from transport_helpers import assert_states_close, make_update, reference_fedavg, small_state
 
 from gradguard.transport import TransportError, generate_tokens
-from gradguard.transport.codec import TensorPiece
-from gradguard.transport.fedavg import WeightedSum
-from gradguard.transport.validation import ModelSpec
 
 
 def test_ten_clients_over_grpc_equal_in_memory_fedavg(start_server, connect):
@@ -104,15 +101,3 @@ def test_fetching_another_round_than_the_open_one_is_refused(start_server, conne
             client.fetch_global(round=asked)
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert f"round {asked} {words}" in err.value.message
-
-
-def test_weighted_sum_keeps_half_precision_sums_in_float32():
-    base = {"w": torch.zeros(4, dtype=torch.float16), "n": torch.tensor(7)}
-    total = WeightedSum(ModelSpec.of(base))
-    for weight in range(1, 101):
-        total.add([TensorPiece("w", (4,), 0, torch.full((4,), 1e-4, dtype=torch.float16))], weight)
-    pieces = [TensorPiece(name, tuple(t.shape), 0, t.reshape(-1)) for name, t in base.items()]
-    result = total.mean_added_to(pieces)
-    assert result["w"].dtype == torch.float16 and torch.equal(result["n"], base["n"])
-    torch.testing.assert_close(result["w"].float(), torch.full((4,), 1e-4), rtol=1e-3, atol=0)
-    assert torch.equal(base["w"], torch.zeros(4, dtype=torch.float16))

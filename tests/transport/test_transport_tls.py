@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from transport_helpers import (assert_states_close, make_pki, make_update, reference_fedavg, small_state,
-                               state_dir_snapshot)
+from transport_helpers import (assert_states_close, client_certificate, make_pki, make_update, reference_fedavg,
+                               small_state, state_dir_snapshot)
 
 from gradguard.transport import AggregatorServer, ClientTLS, ServerTLS, TransportError
 
@@ -16,10 +16,11 @@ def pki():
     return make_pki()
 
 
-def _refused(client, code: grpc.StatusCode) -> None:
+def _refused(client, code: grpc.StatusCode, hint: str = "") -> None:
     with pytest.raises(TransportError) as err:
         client.submit(make_update(STATE, seed=7, num_samples=1))
     assert err.value.code == code, err.value
+    assert hint in err.value.message
 
 
 def test_tls_client_is_served_and_plaintext_and_untrusting_clients_are_refused(pki, start_server, connect,
@@ -30,8 +31,10 @@ def test_tls_client_is_served_and_plaintext_and_untrusting_clients_are_refused(p
                           round_deadline_s=None)
     before = state_dir_snapshot(tmp_path / "state")
 
-    _refused(connect(server, "c1"), grpc.StatusCode.UNAVAILABLE)  # plaintext: the handshake fails
-    _refused(connect(server, "c1", tls=ClientTLS(root_certificates=pki.other_ca)), grpc.StatusCode.UNAVAILABLE)
+    _refused(connect(server, "c1"), grpc.StatusCode.UNAVAILABLE,  # plaintext: the handshake fails
+             "If it speaks TLS, connect with tls=ClientTLS(root_certificates=...)")
+    _refused(connect(server, "c1", tls=ClientTLS(root_certificates=pki.other_ca)), grpc.StatusCode.UNAVAILABLE,
+             "Check that root_certificates (--tls-ca) is the CA that signed the server's certificate")
     _refused(connect(server, "c1", tls=ClientTLS(root_certificates=pki.ca), token="a-wrong-token-0123456789"),
              grpc.StatusCode.UNAUTHENTICATED)
     assert state_dir_snapshot(tmp_path / "state") == before
@@ -49,13 +52,32 @@ def test_mutual_tls_requires_a_client_certificate_and_a_token(pki, start_server,
     server = start_server(STATE, clients=tokens, tls=ServerTLS(pki.server_cert, pki.server_key, client_ca=pki.ca),
                           round_deadline_s=None)
     before = state_dir_snapshot(tmp_path / "state")
-    _refused(connect(server, "c1", tls=ClientTLS(root_certificates=pki.ca)), grpc.StatusCode.UNAVAILABLE)
+    _refused(connect(server, "c1", tls=ClientTLS(root_certificates=pki.ca)), grpc.StatusCode.UNAVAILABLE,
+             "if the server requires mutual TLS (--tls-client-ca), give this client's certificate and key")
     with_cert = ClientTLS(root_certificates=pki.ca, certificate_chain=pki.client_cert, private_key=pki.client_key)
     _refused(connect(server, "c1", tls=with_cert, token="a-wrong-token-0123456789"), grpc.StatusCode.UNAUTHENTICATED)
     assert state_dir_snapshot(tmp_path / "state") == before
 
     client = connect(server, "c1", tls=with_cert)
     assert client.submit(make_update(STATE, seed=1, num_samples=3)).accepted_in_round == 1
+
+
+def test_mutual_tls_binds_the_client_id_to_the_certificate(pki, start_server, connect, tokens, tmp_path):
+    """c1's certificate with c2's id and token was accepted as c2."""
+    server = start_server(STATE, clients=tokens, tls=ServerTLS(pki.server_cert, pki.server_key, client_ca=pki.ca),
+                          round_deadline_s=None)
+    before = state_dir_snapshot(tmp_path / "state")
+    c1_cert = ClientTLS(root_certificates=pki.ca, certificate_chain=pki.client_cert, private_key=pki.client_key)
+    for call in ("status", "join", "fetch_global"):
+        with pytest.raises(TransportError) as err:
+            getattr(connect(server, "c2", tls=c1_cert), call)()
+        assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert "must name its client id" in err.value.message
+    _refused(connect(server, "c2", tls=c1_cert), grpc.StatusCode.PERMISSION_DENIED)
+    assert state_dir_snapshot(tmp_path / "state") == before
+    cert, key = client_certificate(pki, "c2")
+    own = ClientTLS(root_certificates=pki.ca, certificate_chain=cert, private_key=key)
+    assert not connect(server, "c2", tls=own).submit(make_update(STATE, seed=1, num_samples=3)).duplicate
 
 
 def test_a_server_name_override_checks_the_certificate_against_that_name(pki, start_server, connect, tokens):

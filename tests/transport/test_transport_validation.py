@@ -7,6 +7,8 @@ exactly FedAvg of that good update alone, so nothing of the bad one reached the 
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -36,7 +38,10 @@ def _send(server, tokens, tensors=None, *, payload=None, client_id="c1", token=N
     else:
         payload = encode_tensors(update.tensors)
     for name, value in header_fields.items():
-        setattr(header, name, value)
+        if name == "metadata":
+            header.metadata.update(value)
+        else:
+            setattr(header, name, value)
     return raw_submit(server.address, client_id, token or tokens[client_id], header, payload)
 
 
@@ -71,6 +76,16 @@ def _inf(t):
 
 _GOOD = make_update(STATE, seed=1, num_samples=2).tensors
 _GOOD_PAYLOAD = encode_tensors(_GOOD)
+
+
+def _overlapping() -> bytes:
+    """The good payload with its first tensor's range moved onto the second's (same length)."""
+    length = int.from_bytes(_GOOD_PAYLOAD[:8], "little")
+    header = json.loads(_GOOD_PAYLOAD[8:8 + length])
+    first, second = sorted((v["data_offsets"] for k, v in header.items() if k != "__metadata__"))[:2]
+    moved = f"[{second[0]},{second[0] + first[1] - first[0]}]"
+    text = _GOOD_PAYLOAD[8:8 + length].decode().replace(f"[{first[0]},{first[1]}]", moved, 1)
+    return _GOOD_PAYLOAD[:8] + text.encode() + _GOOD_PAYLOAD[8 + length:]
 INT_BUFFER = "1.num_batches_tracked"
 
 CASES = {
@@ -112,6 +127,12 @@ CASES = {
                       grpc.StatusCode.INVALID_ARGUMENT, "averages weight deltas"),
     "zero_samples": (lambda s, t: _send(s, t, num_samples=0),
                      grpc.StatusCode.INVALID_ARGUMENT, "num_samples is 0"),
+    "weight_2_to_the_63": (lambda s, t: _send(s, t, num_samples=2**63 - 1),
+                           grpc.StatusCode.INVALID_ARGUMENT, "over the 1000000 this server allows"),
+    "bulky_header_metadata": (lambda s, t: _send(s, t, metadata={"junk": "x" * (100 << 10)}),
+                              grpc.StatusCode.INVALID_ARGUMENT, "the header's metadata is"),
+    "overlapping_offsets": (lambda s, t: _send(s, t, payload=_overlapping()),
+                            grpc.StatusCode.INVALID_ARGUMENT, "without gaps or overlaps"),
     "data_before_header": (lambda s, t: _stub_submit(s, [pb.SubmitUpdateRequest(data=b"x")],
                                                      metadata=call_metadata("c1", t["c1"])),
                            grpc.StatusCode.INVALID_ARGUMENT, "first SubmitUpdate message must be the UpdateHeader"),
@@ -166,6 +187,12 @@ def test_a_different_second_update_in_a_round_is_refused(start_server, connect, 
         client.submit(make_update(STATE, seed=2, num_samples=4))
     assert refused.value.code == grpc.StatusCode.ALREADY_EXISTS
     assert "already has a different update accepted in round 0" in refused.value.message
+    for same_bytes in (replace(update, num_samples=4000), replace(update, num_steps=9),
+                       replace(update, metadata={"preset": "other"})):  # a new weight was silently ignored
+        with pytest.raises(TransportError) as refused:
+            client.submit(same_bytes)
+        assert refused.value.code == grpc.StatusCode.ALREADY_EXISTS
+        assert "these bytes were accepted from client 'c1' in round 0 with other metadata" in refused.value.message
     assert state_dir_snapshot(tmp_path / "state") == before
     other = make_update(STATE, seed=3, num_samples=2)
     connect(server, "c2").submit(other)
@@ -184,3 +211,43 @@ def test_every_rpc_refuses_an_unauthenticated_client(start_server, connect, toke
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
     assert state_dir_snapshot(tmp_path / "state") == before
     assert server.status().joined_clients == 0
+
+
+def test_a_retry_after_the_round_closed_is_a_duplicate_not_a_refusal(start_server, connect, tokens, tmp_path):
+    """The acknowledgement of an accepted update was lost; the retry comes after the round closed."""
+    server = start_server(STATE, clients=tokens, round_deadline_s=None)
+    client = connect(server, "c1")
+    update = make_update(STATE, seed=1, num_samples=4)
+    first = client.submit(update)
+    server.wait_for_round(1, timeout_s=10)
+    before = state_dir_snapshot(tmp_path / "state")
+    again = client.submit(update)
+    assert again.duplicate and (again.round, again.sha256, again.accepted_in_round) == (0, first.sha256, 1)
+    assert state_dir_snapshot(tmp_path / "state") == before
+    with pytest.raises(TransportError) as other_weight:
+        client.submit(replace(update, num_samples=400))
+    assert other_weight.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert "other metadata" in other_weight.value.message
+
+
+def test_a_wrong_round_refusal_names_the_open_round(start_server, connect, tokens):
+    server = start_server(STATE, clients=tokens, round_deadline_s=None)
+    connect(server, "c2").submit(make_update(STATE, seed=2, num_samples=1))
+    server.wait_for_round(1, timeout_s=10)
+    with pytest.raises(TransportError) as late:
+        connect(server, "c1").submit(make_update(STATE, seed=1, num_samples=1, round=0))
+    assert late.value.code == grpc.StatusCode.FAILED_PRECONDITION and late.value.open_round == 1
+    assert "guard.begin_round(1)" in late.value.message
+
+
+def test_a_bulky_safetensors_metadata_block_is_refused_from_its_first_bytes(start_server, connect, tokens, tmp_path):
+    """A 40 MB metadata block cost 34-45 s of server CPU, and was parsed again under the lock."""
+    server = start_server(STATE, clients=tokens, round_deadline_s=None)
+    before = state_dir_snapshot(tmp_path / "state")
+    payload = TensorPayload(_GOOD, metadata={"junk": "x" * (8 << 20)}).to_bytes()
+    with pytest.raises(grpc.RpcError) as refused:
+        _send(server, tokens, payload=payload)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "plus at most 65536 of metadata" in refused.value.details()
+    assert state_dir_snapshot(tmp_path / "state") == before
+    assert not connect(server, "c1").submit(make_update(STATE, seed=1, num_samples=2)).duplicate

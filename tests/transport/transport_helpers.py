@@ -67,6 +67,13 @@ def raw_submit(address: str, client_id: str, token: str, header: pb.UpdateHeader
                                                             timeout=30)
 
 
+def write_private(path: Path, text: str) -> Path:
+    """Write a secret file the way the CLI requires it: readable by its owner only."""
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
 def state_dir_snapshot(state_dir: Path) -> dict[str, bytes]:
     """Every file of a state directory and its bytes (to show a refused call changed nothing)."""
     return {str(p.relative_to(state_dir)): p.read_bytes() for p in sorted(state_dir.rglob("*")) if p.is_file()}
@@ -80,6 +87,7 @@ class Pki:
     client_cert: bytes
     client_key: bytes
     other_ca: bytes  # a CA that signed nothing here
+    ca_key: object = None
 
 
 def _name(common_name: str) -> x509.Name:
@@ -91,15 +99,29 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool, san: list | None = None) -> bytes:
+def _certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool, san: list | None = None,
+                 days: float = 1.0) -> bytes:
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .not_valid_before(now - datetime.timedelta(days=abs(days) + 1))
+               .not_valid_after(now + datetime.timedelta(days=days))
                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
     if san:
         builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
     return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def server_certificate(*, days: float) -> tuple[bytes, bytes]:
+    """A self-signed certificate for localhost valid for ``days`` from now (negative: expired), and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return _certificate("localhost", key, "localhost", key, ca=False, days=days), _key_pem(key)
+
+
+def client_certificate(pki: "Pki", common_name: str) -> tuple[bytes, bytes]:
+    """A client certificate for ``common_name`` signed by the PKI's CA, and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return _certificate(common_name, key, "gradguard test CA", pki.ca_key, ca=False), _key_pem(key)
 
 
 def make_pki() -> Pki:
@@ -113,4 +135,5 @@ def make_pki() -> Pki:
         client_cert=_certificate("c1", client_key, "gradguard test CA", ca_key, ca=False),
         client_key=_key_pem(client_key),
         other_ca=_certificate("other CA", other_key, "other CA", other_key, ca=True),
+        ca_key=ca_key,
     )

@@ -1,0 +1,267 @@
+"""Safetensors for the aggregator, with numpy only: headers checked strictly, values read by range.
+
+The server never imports torch (it would cost ~700 MB of resident memory for nothing): it reads
+and writes the safetensors layout itself. A file is ``u64 header length | JSON header | data``;
+the header maps each name to its dtype, shape and ``[start, end)`` byte range in the data, and
+may hold a ``__metadata__`` map of strings. :func:`parse_header` accepts exactly what the
+reference implementation accepts: known dtypes, ranges that match the shapes and tile the data
+without gaps or overlaps.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CHUNK_BYTES = 1 << 20  # 1 MiB, the largest chunk a client sends: a quarter of gRPC's default limit
+# The largest message a server accepts: a chunk plus room for a header. Bounding it bounds what
+# one call can make the server hold at once, whatever chunk size a client would like to use.
+MAX_MESSAGE_BYTES = CHUNK_BYTES + (64 << 10)
+PIECE_BYTES = 1 << 20  # what the server holds of one tensor at a time while reading it
+_READ_BYTES = 1 << 20
+
+ITEM_BYTES: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                              "U8": 1, "BOOL": 1}
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+# numpy's little-endian dtype of each code; BF16 has none, it is widened through its float32 bits.
+_NUMPY: dict[str, str] = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+                          "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+# The largest finite value of each float code: a global model entry beyond it is inf.
+FLOAT_MAX: dict[str, float] = {"F64": float(np.finfo(np.float64).max), "F32": float(np.finfo(np.float32).max),
+                               "F16": float(np.finfo(np.float16).max), "BF16": 3.3895313892515355e38}
+
+Layout = dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype code, shape)
+
+
+class MalformedSafetensors(ValueError):
+    """Bytes that are not a well-formed safetensors file."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    code: str
+    shape: tuple[int, ...]
+    start: int  # byte range in the data section
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    entries: dict[str, TensorEntry]  # in data order
+    data_start: int  # file offset of the data section: 8 + the header's length
+    metadata: dict[str, str]
+
+    @property
+    def layout(self) -> Layout:
+        return {name: (e.code, e.shape) for name, e in self.entries.items()}
+
+    @property
+    def total_bytes(self) -> int:
+        return self.data_start + max((e.end for e in self.entries.values()), default=0)
+
+
+def parse_header(raw: bytes, *, data_bytes: int) -> SafetensorsHeader:
+    """The header ``raw`` (the JSON after the length prefix) of a file whose data section is
+    ``data_bytes`` long; raises :class:`MalformedSafetensors` naming the first problem."""
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MalformedSafetensors(f"the header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise MalformedSafetensors("the header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise MalformedSafetensors("__metadata__ is not a map of strings to strings")
+    entries: dict[str, TensorEntry] = {}
+    for name, spec in header.items():
+        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+            raise MalformedSafetensors(f"entry {name[:64]!r} is not {{dtype, shape, data_offsets}}")
+        code, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+        if code not in ITEM_BYTES:
+            raise MalformedSafetensors(f"entry {name[:64]!r} has dtype {str(code)[:16]!r}, which is not one of "
+                                       f"{sorted(ITEM_BYTES)}")
+        if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int and o >= 0 for o in offsets)):
+            raise MalformedSafetensors(f"entry {name[:64]!r} has a malformed shape or data_offsets")
+        entry = TensorEntry(code, tuple(shape), offsets[0], offsets[1])
+        if entry.end - entry.start != entry.numel * ITEM_BYTES[code]:
+            raise MalformedSafetensors(f"entry {name[:64]!r}: data_offsets {offsets} do not hold shape {shape} "
+                                       f"of {code}")
+        entries[name] = entry
+    position = 0
+    ordered = sorted(entries.items(), key=lambda item: (item[1].start, item[1].end))
+    for name, entry in ordered:
+        if entry.start != position:
+            raise MalformedSafetensors(f"entry {name[:64]!r} starts at {entry.start}, not {position}: the data "
+                                       "ranges must tile the data section without gaps or overlaps")
+        position = entry.end
+    if position != data_bytes:
+        raise MalformedSafetensors(f"the tensors hold {position} bytes but the data section is {data_bytes}")
+    return SafetensorsHeader(dict(ordered), 8 + len(raw), metadata)
+
+
+def read_header(path: Path, *, max_header_bytes: int | None = None) -> SafetensorsHeader:
+    """The checked header of the safetensors file at ``path``."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise MalformedSafetensors("the file is shorter than the 8-byte header length")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > size - 8 or (max_header_bytes is not None and length > max_header_bytes):
+            raise MalformedSafetensors(f"the header length {length} exceeds the file or the limit")
+        return parse_header(f.read(length), data_bytes=size - 8 - length)
+
+
+def to_float64(code: str, raw: bytes | bytearray | memoryview) -> np.ndarray:
+    """The values of raw little-endian ``code`` bytes as float64."""
+    values = np.frombuffer(raw, dtype=_NUMPY[code])
+    if code == "BF16":  # a bfloat16 is the upper half of a float32
+        values = (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float64)
+
+
+def from_float64(code: str, values: np.ndarray) -> bytes:
+    """float64 ``values`` rounded to ``code`` (to nearest, ties to even) as raw bytes."""
+    if code != "BF16":
+        return values.astype(_NUMPY[code]).tobytes()
+    bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    nan = np.isnan(values)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded.astype("<u2").tobytes()
+
+
+def read_range(fd: int, header: SafetensorsHeader, name: str, first: int, count: int) -> bytes:
+    """Raw bytes of elements ``[first, first + count)`` of tensor ``name`` in the open file ``fd``."""
+    entry = header.entries[name]
+    item = ITEM_BYTES[entry.code]
+    data = os.pread(fd, count * item, header.data_start + entry.start + first * item)
+    if len(data) != count * item:
+        raise MalformedSafetensors(f"the file ends inside tensor {name!r}")
+    return data
+
+
+def max_abs(path: Path, header: SafetensorsHeader) -> dict[str, float]:
+    """The largest absolute value of each floating-point tensor of a file (inf if any is not finite)."""
+    bounds = {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name, entry in header.entries.items():
+            if entry.code in FLOAT_CODES:
+                largest = 0.0
+                for first, count in iter_ranges(entry.numel, PIECE_BYTES // ITEM_BYTES[entry.code]):
+                    values = np.abs(to_float64(entry.code, read_range(fd, header, name, first, count)))
+                    largest = max(largest, float(values.max()) if not np.isnan(values).any() else math.inf)
+                bounds[name] = largest
+    finally:
+        os.close(fd)
+    return bounds
+
+
+def iter_ranges(numel: int, step: int) -> Iterator[tuple[int, int]]:
+    """``(first, count)`` covering ``range(numel)`` in runs of at most ``step``."""
+    for first in range(0, numel, step):
+        yield first, min(step, numel - first)
+
+
+def header_bytes(layout: Layout, metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
+    """The length-prefixed header of a file holding ``layout`` (in that order), and each
+    tensor's data offset; the data starts 8-byte aligned."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offsets, position = {}, 0
+    for name, (code, shape) in layout.items():
+        size = math.prod(shape) * ITEM_BYTES[code]
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [position, position + size]}
+        offsets[name] = position
+        position += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+def canonical_order(layout: Layout) -> Layout:
+    """``layout`` ordered as safetensors writes it: largest elements first, then by name, so
+    that every tensor's data stays aligned to its element size."""
+    return dict(sorted(layout.items(), key=lambda item: (-ITEM_BYTES[item[1][0]], item[0])))
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's sync_file_range(2), which starts writing a range to the disk without waiting."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+_START_WRITEBACK = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class HashingWriter:
+    """A file opened for writing (mode 0600) that hashes what it writes.
+
+    With ``writeback``, each write is handed to the disk at once (without waiting), so that the
+    final :meth:`fsync` finds little left to flush: the flush overlaps the receiving.
+    """
+
+    def __init__(self, path: Path, *, writeback: bool = False) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._digest = hashlib.sha256()
+        self._start_writeback = _START_WRITEBACK if writeback else None
+        self.written = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._digest.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+        if self._start_writeback is not None:
+            self._start_writeback(self._fd, self.written, len(data), _SYNC_FILE_RANGE_WRITE)
+        self.written += len(data)
+
+    def fsync(self) -> None:
+        os.fsync(self._fd)
+
+    def hexdigest(self) -> str:
+        """The SHA-256 of everything written so far."""
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "HashingWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_READ_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
