@@ -21,6 +21,7 @@ from gradguard.eval.defenses import DEFENSES, GuardedDefense, build_defense
 from gradguard.eval.metrics import utility
 from gradguard.eval.models import build_model
 from gradguard.eval.partition import ClientSpec, partition_clients
+from gradguard.transport.aggregation import weighted_mean
 from gradguard.update import ProtectedUpdate
 
 # A model whose test accuracy is within this of the majority class's share, or that predicts
@@ -78,14 +79,16 @@ def attacked_clients(config: BenchConfig, clients: Sequence[ClientSpec]) -> list
 
 def fedavg(global_state: Mapping[str, Tensor], updates: Sequence[ProtectedUpdate]) -> dict[str, Tensor]:
     """FedAvg's step: ``global_state`` plus the mean of the updates' deltas weighted by their
-    ``num_samples`` (accumulated in float64); entries no update carries (integer buffers) stay."""
+    ``num_samples``, by the aggregator's own rule (:func:`gradguard.transport.aggregation.weighted_mean`,
+    float64); entries no update carries (integer buffers) stay."""
     if not updates or any(u.kind != "delta" for u in updates):
         raise ValueError("FedAvg needs at least one update, and only weight deltas (kind='delta')")
-    total = sum(u.num_samples for u in updates)
+    weights = [u.num_samples for u in updates]
     result = dict(global_state)
     for name, value in global_state.items():
         if name in updates[0].tensors:
-            mean = sum(u.tensors[name].double() * u.num_samples for u in updates) / total
+            rows = np.stack([u.tensors[name].detach().cpu().double().reshape(-1).numpy() for u in updates])
+            mean = torch.from_numpy(weighted_mean(rows, weights)).view(value.shape)
             result[name] = (value.double() + mean).to(value.dtype)
     return result
 
