@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from safetensors.torch import load_file
 
-from gradguard.eval.report import slugify
+from gradguard.eval.report import F1_MATCH, slugify
 
 if TYPE_CHECKING:
     from gradguard.eval.bench.experiment import Experiment
@@ -33,9 +33,6 @@ def _leaks(row: SummaryRow) -> bool:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
-
-
-F1_MATCH = 0.01  # micro-F1 within a point counts as matched utility
 
 
 def verdict(ours: SummaryRow, other: SummaryRow) -> str:

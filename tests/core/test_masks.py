@@ -31,7 +31,7 @@ def test_relevance_keeps_only_the_top_fraction():
 
 
 def test_paper_relevance_is_nearly_uniform():
-    """The weakness DESIGN.md names: with T = 20 the CAM term varies by only ~5%."""
+    """The paper's formulas' weakness: with T = 20 the CAM term varies by only ~5%."""
     cam = torch.rand(1, 1, 16, 16)
     r = mk.shadowdef_relevance_map(cam)
     assert r.sum() == pytest.approx(1.0)

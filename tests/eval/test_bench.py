@@ -26,7 +26,7 @@ CELL_KEYS = {"dataset", "defense", "defense_name", "defense_params", "attack", "
 UTILITY_KEYS = {"accuracy_mean", "micro_f1_mean", "macro_f1_mean", "epsilon", "seconds", "collapsed_runs"}
 
 
-# The issue asks that ``--quick`` (under 10 minutes on 2 CPU cores) is run by a test: this is it.
+# ``--quick`` must stay under 10 minutes on 2 CPU cores, so a test runs it.
 MODE = "quick"
 
 
