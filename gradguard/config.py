@@ -53,7 +53,7 @@ def _type_problem(value: object, hint: object) -> str | None:
             return None
         if option is str and isinstance(value, str):
             return None
-        if dataclasses.is_dataclass(option) and isinstance(value, option):
+        if isinstance(option, type) and dataclasses.is_dataclass(option) and isinstance(value, option):
             return None
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
     return f"must be {wanted}, got {type(value).__name__} {value!r}"
@@ -304,7 +304,7 @@ class GuardConfig:
             given = groups[name]
             if given is not None and not isinstance(given, cls):
                 raise ConfigError(f"GuardConfig({name}=...) must be a {cls.__name__}, got {type(given).__name__}")
-            base = given if given is not None else cls()
+            base: Any = given if given is not None else cls()
             object.__setattr__(self, name, replace(base, **changes[name]) if changes[name] else base)
         for name, value in (("total_rounds", total_rounds), ("bn_statistics", bn_statistics),
                             ("update_kind", update_kind), ("seed", seed)):

@@ -121,12 +121,12 @@ def input_slot(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                selector: InputSelector | None) -> int | str:
     """Where the noised input is in a forward call: ``selector``, or the first tensor argument."""
     if selector is None:
-        slot = next((i for i, a in enumerate(args) if torch.is_tensor(a)), None)
-        slot = slot if slot is not None else next((k for k, v in kwargs.items() if torch.is_tensor(v)), None)
-        if slot is None:
+        positions: list[int | str] = [i for i, a in enumerate(args) if torch.is_tensor(a)]
+        found = positions + [k for k, v in kwargs.items() if torch.is_tensor(v)]
+        if not found:
             raise UnsupportedModelError("the model's forward got no tensor argument to noise; fix: pass the images "
                                         "as a tensor, or name the input with wrap(..., noised_input=<name>)")
-        return slot
+        return found[0]
     if isinstance(selector, int):
         if 0 <= selector < len(args):
             return selector
@@ -344,12 +344,12 @@ class GradGuard:
         if problem is not None:
             return [f"example_batch: {problem}"]
         if self.config.shadow.kind == "generator" and call.images.ndim == 5:
-            return ["shadow: the 'generator' shadow reconstructs 2-D images; fix: GuardConfig(shadow="
-                    "'feature_inverter') for volumes"]
+            return [("shadow: the 'generator' shadow reconstructs 2-D images; fix: "
+                     "GuardConfig(shadow='feature_inverter') for volumes")]
         if self.config.masks.relevance_method in LAYER_METHODS and call.images.ndim == 5 and \
                 not any(isinstance(m, nn.Conv3d) for m in model.modules()):
-            return ["model: Grad-CAM of a volume reads the last nn.Conv3d and the model has none; fix: "
-                    "relevance_method='saliency'"]
+            return [("model: Grad-CAM of a volume reads the last nn.Conv3d and the model has none; fix: "
+                     "relevance_method='saliency'")]
         was_training = model.training
         try:
             with torch.no_grad():
@@ -357,8 +357,8 @@ class GradGuard:
         except UnsupportedModelError as err:
             return [f"logits: {err}"]
         except Exception as err:  # noqa: BLE001 - the user's forward: report whatever it raises
-            return [f"example_batch: the model's forward raised {type(err).__name__}: {err}; fix: pass what "
-                    "forward is called with (a tensor, a tuple of arguments or a dict of keyword arguments)"]
+            return [(f"example_batch: the model's forward raised {type(err).__name__}: {err}; fix: pass what "
+                     "forward is called with (a tensor, a tuple of arguments or a dict of keyword arguments)")]
         finally:
             model.train(was_training)
         return []
@@ -593,9 +593,9 @@ class GradGuard:
         if method != "none":
             raw = to_pixels(gradcam_from(captured["activations"], logits.gather(1, explained[:, None]).sum()),
                             images) if method == "gradcam" else attribution(method, forward, images, explained)
-            rule = mk.shadowdef_relevance_map if cfg.masks.combine == "subtract" else mk.relevance_map
-            relevance = rule(raw, top_fraction=cfg.masks.relevance_top_fraction,
-                             temperature=cfg.masks.relevance_temperature)
+            relevance_rule = mk.shadowdef_relevance_map if cfg.masks.combine == "subtract" else mk.relevance_map
+            relevance = relevance_rule(raw, top_fraction=cfg.masks.relevance_top_fraction,
+                                       temperature=cfg.masks.relevance_temperature)
         vulnerability = ones
         if cfg.shadow.kind != "none":
             shadow = self._ensure_shadow(images, captured["features"])

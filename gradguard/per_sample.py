@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.utils.data import DataLoader
 
 from gradguard.errors import UnsupportedModelError
@@ -103,7 +102,7 @@ class HybridDP:
         warnings.filterwarnings("ignore", message=_BACKWARD_HOOK_WARNING, category=UserWarning)
         module = GradSampleModule(model)
         dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                   expected_batch_size=max(int(len(data_loader.dataset) * sample_rate), 1))
+                                   expected_batch_size=max(int(len(data_loader.dataset) * sample_rate), 1))  # type: ignore[arg-type]
         charge = accountant.get_optimizer_hook_fn(sample_rate=sample_rate)
 
         def step_hook(optim: DPOptimizer) -> None:
@@ -114,7 +113,7 @@ class HybridDP:
         return cls(module=module, optimizer=dp_optimizer, data_loader=poisson, accountant=accountant, delta=delta)
 
     def detach(self) -> None:
-        self.module._close()
+        self.module._close()  # type: ignore[operator]
 
 
 def new_accountant(mechanism: str) -> IAccountant:

@@ -93,10 +93,10 @@ def test_hybrid_dp_refuses_training_the_unwrapped_objects(chest_batch):
     guard = GradGuard(GuardConfig(dp_noise_multiplier=1.0))
     dp_model, dp_optimizer, _ = guard.wrap(model, optimizer, data_loader=loader)
     model.train()
-    with pytest.raises(GradGuardError, match="train the model wrap\(\) returned"):
+    with pytest.raises(GradGuardError, match=r"train the model wrap\(\) returned"):
         model(images[:4])
     F.cross_entropy(dp_model(images[:4]), labels[:4]).backward()
-    with pytest.raises(GradGuardError, match="step the optimizer wrap\(\) returned"):
+    with pytest.raises(GradGuardError, match=r"step the optimizer wrap\(\) returned"):
         optimizer.step()
     with pytest.raises(RuntimeError, match="no protected training step"):
         guard.protected_update()  # nothing was earned: no epsilon to report
