@@ -241,6 +241,7 @@ class GradGuard:
         self.masks = mk.MaskStore()
         self.shadow: Shadow | None = None
         self._shadow_state: dict[str, torch.Tensor] | None = None  # loaded, built at the next mask computation
+        self._shadow_dims: torch.Tensor | None = None  # [feature size, *image shape] the shadow was built for
         self.round = 0
         self.total_steps = 0
         self._noise: torch.Generator | None = None  # made on the model's device
@@ -405,7 +406,8 @@ class GradGuard:
             previous.cleanup()
             if previous is not self:
                 self.masks, self.shadow, self.round = previous.masks, previous.shadow, previous.round
-                self._shadow_state, self._accountant = previous._shadow_state, previous._accountant
+                self._shadow_state, self._shadow_dims = previous._shadow_state, previous._shadow_dims
+                self._accountant = previous._accountant
         if dataset_size is None and data_loader is not None:
             dataset_size = len(data_loader.dataset)  # type: ignore[arg-type]
         self._dataset_size = dataset_size
@@ -483,9 +485,10 @@ class GradGuard:
         for sid, mask in self.masks.masks.items():
             out[f"masks.{sid}"] = mask.detach().cpu().contiguous()
             out[f"refreshed_at.{sid}"] = torch.tensor(self.masks.refreshed_at[sid])
-        shadow = self._shadow_state if self.shadow is None else \
-            {**self.shadow.state_dict(), "dims": self._shadow_dims}
-        out.update({f"shadow.{k}": v.contiguous() for k, v in (shadow or {}).items()})
+        shadow = dict(self._shadow_state or {})
+        if self.shadow is not None and self._shadow_dims is not None:
+            shadow = {**self.shadow.state_dict(), "dims": self._shadow_dims}
+        out.update({f"shadow.{k}": v.contiguous() for k, v in shadow.items()})
         if self._accountant is not None and self._accountant.history:
             # One row per (noise multiplier, sample rate, steps) the accountant was charged.
             out["accountant.history"] = torch.tensor(self._accountant.history, dtype=torch.float64)
@@ -525,7 +528,7 @@ class GradGuard:
         if model is None or state.global_weights is None or state.steps == 0:
             raise RuntimeError("no protected training step since wrap() or the last protected_update(): "
                                "train at least one step (model.train(), forward, backward, optimizer.step())")
-        if self._dp is not None and state.dp_steps != state.steps:
+        if self._dp is not None and state.dp_steps < state.steps:
             raise GradGuardError(f"{state.steps} protected steps but {state.dp_steps} DP-SGD steps were accounted, "
                                  "so no epsilon covers this update; fix: step only the optimizer wrap() returned")
         tensors = weight_delta(state.global_weights, model) if cfg.update_kind == "delta" else (state.gradient or {})

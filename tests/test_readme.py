@@ -11,6 +11,7 @@ def test_readme_quick_start_runs():
     text = README.read_text()
     section = text[text.index("## Quick start"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "gradguard.eval" not in code  # the user's own model, in plain torch
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(code, "README.md", "exec"), {})

@@ -145,8 +145,9 @@ def guarded_round(model: nn.Module, optimizer: torch.optim.Optimizer, train: Tra
         raise ValueError("Flower strategies average model weights, so a Flower client shares weight deltas; "
                          "use GuardConfig(update_kind='delta')")
     if config.dp_noise_multiplier is not None:
-        raise ValueError("GradGuard's hybrid DP is not available on Flower yet (its accountant would restart "
-                         "every round and under-report epsilon); for an (epsilon, delta) guarantee on the update "
+        raise ValueError("GradGuard's hybrid DP is not available on Flower yet (it needs wrap(data_loader=...) to "
+                         "sample as its accountant assumes, and the training function owns the loader); for an "
+                         "(epsilon, delta) guarantee on the update "
                          "add Flower's DifferentialPrivacyClientSideFixedClipping + fixedclipping_mod, or set "
                          "dp_noise_multiplier=None")
     # Fresh noise per client and round; no seed means the guard draws a secret one.

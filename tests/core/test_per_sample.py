@@ -102,3 +102,20 @@ def test_hybrid_dp_refuses_training_the_unwrapped_objects(chest_batch):
         guard.protected_update()  # nothing was earned: no epsilon to report
     dp_optimizer.step()
     assert guard.protected_update().epsilon > 0
+
+
+def test_hybrid_dp_shows_none_of_the_warnings_it_causes(chest_batch):
+    """Opacus' per-sample hooks make torch warn on every backward, and its RDP accountant about its
+    alphas; neither says anything the user can act on."""
+    import warnings
+
+    images, labels = chest_batch
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+    model = SmallCNN(1, 2, width=8, norm="group")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guard = GradGuard(GuardConfig(dp_noise_multiplier=0.3, dp_delta=1e-9))
+        dp_model, dp_optimizer, dp_loader = guard.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                       data_loader=loader)
+        _dp_round(dp_model, dp_optimizer, dp_loader)
+        assert guard.protected_update().epsilon > 0
