@@ -666,7 +666,7 @@ class GradGuard:
         problem = image_problem(images)
         if problem is not None:
             raise UnsupportedModelError(f"explain(images): {problem}")
-        ids = [mk.sample_id(x) for x in images]
+        ids = mk.sample_ids(images)
         created = not self._state.global_loaded
         vulnerability, relevance, targets = self._maps(images, ids, labels, _Call((images,), {}, 0))
         mask = self._mask(vulnerability, relevance)
@@ -701,7 +701,7 @@ class GradGuard:
         state = self._state
         if state.global_weights is None:  # first training forward of the round: the global model
             state.global_weights = snapshot(module)
-        ids = self._pending_ids or [mk.sample_id(x) for x in images]
+        ids = self._pending_ids or mk.sample_ids(images)
         labels, self._pending_ids, self._pending_labels = self._pending_labels, None, None
         if len(ids) != len(images):
             raise ValueError(f"set_sample_ids() named {len(ids)} samples but the batch has {len(images)}")

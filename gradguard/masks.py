@@ -144,10 +144,16 @@ def low_pass_noise(white: torch.Tensor, *, sigma: float) -> torch.Tensor:
     return blurred / per_sample(std, blurred)
 
 
+def sample_ids(images: torch.Tensor) -> list[str]:
+    """A stable id per sample from its bytes, so its mask persists across rounds and re-wraps; the
+    batch moves to the CPU once (one device synchronisation, not one per image)."""
+    data = images.detach().to("cpu", torch.float32).contiguous().numpy()
+    return [hashlib.blake2b(row.tobytes(), digest_size=12).hexdigest() for row in data]
+
+
 def sample_id(image: torch.Tensor) -> str:
-    """A stable id from a sample's bytes, so its mask persists across rounds and re-wraps."""
-    data = image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return hashlib.blake2b(data, digest_size=12).hexdigest()
+    """:func:`sample_ids` of one sample."""
+    return sample_ids(image[None])[0]
 
 
 @dataclass
@@ -172,4 +178,7 @@ class MaskStore:
 
     def stack(self, ids: list[str], like: torch.Tensor) -> torch.Tensor:
         """The masks of ``ids`` on ``like``'s device and dtype."""
-        return torch.stack([self.masks[sid].to(like.device) for sid in ids]).to(like.dtype)
+        for sid in ids:  # masks loaded from a saved state arrive on the CPU: moved once, not every step
+            if self.masks[sid].device != like.device:
+                self.masks[sid] = self.masks[sid].to(like.device)
+        return torch.stack([self.masks[sid] for sid in ids]).to(like.dtype)

@@ -66,8 +66,9 @@ def per_sample_gradients(model: nn.Module, images: torch.Tensor, targets: torch.
     try:
         wrapped.zero_grad(set_to_none=True)
         F.cross_entropy(wrapped(images), targets, reduction="sum").backward()
-        return {name: p.grad_sample.detach().clone() for name, p in model.named_parameters()
-                if p.requires_grad and p.grad_sample is not None}
+        # Opacus sets grad_sample on each parameter it hooks.
+        samples = {name: getattr(p, "grad_sample", None) for name, p in model.named_parameters() if p.requires_grad}
+        return {name: g.detach().clone() for name, g in samples.items() if g is not None}
     finally:
         wrapped.zero_grad(set_to_none=True)
         wrapped._close()
