@@ -2,13 +2,21 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # type checkers see the names; at run time they load on first use
+    from gradguard.config import PRESETS, DPConfig, GuardConfig, MaskConfig, NoiseConfig, ShadowConfig
+    from gradguard.errors import ConfigError, GradGuardError, UnsupportedModelError
+    from gradguard.guard import GradGuard, MaskExplanation
+    from gradguard.update import ProtectedUpdate
 
 # Imported on first use: `gradguard serve` (gradguard.transport) runs without loading torch.
 _EXPORTS: dict[str, str] = {
-    "GradGuard": "gradguard.guard", "GradGuardError": "gradguard.errors", "GuardConfig": "gradguard.config",
-    "MaskExplanation": "gradguard.guard", "PRESETS": "gradguard.config", "ProtectedUpdate": "gradguard.update",
-    "UnsupportedModelError": "gradguard.errors",
+    "PRESETS": "gradguard.config", "DPConfig": "gradguard.config", "GuardConfig": "gradguard.config",
+    "MaskConfig": "gradguard.config", "NoiseConfig": "gradguard.config", "ShadowConfig": "gradguard.config",
+    "ConfigError": "gradguard.errors", "GradGuardError": "gradguard.errors",
+    "UnsupportedModelError": "gradguard.errors", "GradGuard": "gradguard.guard",
+    "MaskExplanation": "gradguard.guard", "ProtectedUpdate": "gradguard.update",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

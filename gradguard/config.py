@@ -1,151 +1,329 @@
-"""Configuration of the guard: one dataclass, documented defaults, named presets."""
+"""Configuration of the guard: four validated groups (noise, masks, shadow, DP) and named presets.
+
+Every field is checked when a config is built: a choice must be one of its ``Literal``'s values
+(the nearest valid name is suggested), numbers must be numbers and in range, and every problem
+is listed at once. The flat keyword names (``GuardConfig(noise_amplitude=0.2, shadow="none")``)
+are accepted and readable too, so specs such as ``gradguard:noise_amplitude=0.5`` and Flower's
+``gradguard.noise-amplitude`` keys set the same fields.
+"""
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
-from dataclasses import asdict, dataclass, replace
+import math
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
+from gradguard.errors import ConfigError
+from gradguard.update import UpdateKind
+
 NoiseKind = Literal["gaussian", "smooth", "uniform", "mask"]
-ShadowKind = Literal["feature_inverter", "generator", "none"]
-RelevanceMethod = Literal["gradcam", "guided_gradcam", "saliency", "integrated_gradients", "none"]
 CombineRule = Literal["product", "subtract"]
+RelevanceClass = Literal["label", "predicted"]
+Normalization = Literal["rms", "peak"]
+Accountant = Literal["rdp", "prv", "gdp"]
+BatchNormStatistics = Literal["clean", "noised"]
+
+Checks = dict[str, tuple[bool, str]]
+"""field name -> (holds, what the valid range is)."""
+
+
+def suggestion(value: object, choices: Iterable[str]) -> str:
+    """'; did you mean X?' naming the valid choice nearest to ``value``, or ''."""
+    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _type_problem(value: object, hint: object) -> str | None:
+    """Why ``value`` does not have the annotated type (a Literal, float, int, str, or X | None)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        return None if type(None) in options else "must not be None"
+    for option in options:
+        if typing.get_origin(option) is Literal:
+            choices = typing.get_args(option)
+            return None if value in choices else f"choose one of {list(choices)}{suggestion(value, choices)}"
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None if math.isfinite(value) else "must be a finite number"
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if option is str and isinstance(value, str):
+            return None
+        if isinstance(option, type) and dataclasses.is_dataclass(option) and isinstance(value, option):
+            return None
+    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+    return f"must be {wanted}, got {type(value).__name__} {value!r}"
+
+
+def _registered(value: str, names: Iterable[str]) -> tuple[bool, str]:
+    choices = sorted({*names, "none"})
+    return value in choices, f"choose one of {choices}{suggestion(value, choices)}"
+
+
+def _validate(group: object, checks: Callable[[], Checks]) -> None:
+    """Raise ConfigError listing every field of ``group`` of the wrong type, then every one out of range."""
+    hints = typing.get_type_hints(type(group))
+    values = {f.name: getattr(group, f.name) for f in fields(group)}  # type: ignore[arg-type]
+    problems = [(name, p) for name, value in values.items() if (p := _type_problem(value, hints[name])) is not None]
+    if not problems:
+        problems = [(name, message) for name, (ok, message) in checks().items() if not ok]
+    if problems:
+        group_name = GROUP_OF[type(group).__name__]
+        raise ConfigError("invalid GuardConfig:\n" + "\n".join(
+            f"  - {_field_name(group_name, name)}={values[name]!r}: {message}" for name, message in problems))
+
+
+def _field_name(group: str, name: str) -> str:
+    """'noise.kind (noise_kind)': the grouped name and the flat one, where they differ."""
+    if not group:
+        return name
+    flat = FLAT_NAME.get((group, name), name)
+    return f"{group}.{name}" + (f" ({flat})" if flat != f"{group}.{name}" else "")
 
 
 @dataclass(frozen=True)
-class GuardConfig:
-    """Every knob of GradGuard. Defaults are the measured ``default`` preset.
+class NoiseConfig:
+    """What is added to each training input: x + w_t B^(-batch_exponent) N^(-update_exponent) max|x| M noise.
 
-    Noise
-        noise_amplitude: w_0, the noise's peak amplitude as a fraction of the image's max |x|.
-        amplitude_growth: w_t = w_0 * exp(amplitude_growth * t / T). The paper (``shadowdef``)
-            uses w_0 = 0.19 and growth 1.0 (noise grows 2.7x over training). A negative growth
-            decays the noise; it keeps F1 but protects less (RESULTS.md, session 6).
-        batch_exponent: a step's batch of B images is noised at w_t * B^(-batch_exponent), so
-            with a non-zero exponent noise_amplitude is the amplitude for a single image. In a
-            batch-averaged gradient an image's share is 1/B while B independent noises average
-            down as 1/sqrt(B): 0.5 keeps each image's signal-to-noise ratio in the update about
-            the same whatever the batch, and spends the noise on small batches, the ones attacks
-            invert. 0 (the default) noises every batch alike.
-        update_exponent: the same rule one level up: a client whose shared update covers N images
-            (``wrap(..., dataset_size=N)``) noises them at w_t * N^(-update_exponent), on top of the
-            batch rule. Over several local steps each image's share of the update is 1/N and
-            the N noises add up as sqrt(N), so 0.5 keeps each image's signal-to-noise ratio in
-            the update about the same whatever N, and spends the noise on the clients that
-            share few images. 0 (the default) ignores N.
-        noise_kind: "gaussian"/"uniform" draw fresh white noise shaped by the mask at every step;
-            "smooth" draws Gaussian noise low-passed over ``noise_smoothness`` pixels (a denoising
-            attacker cannot strip it); "mask" adds the mask itself (deterministic, sample-specific).
-        noise_smoothness: the low-pass filter's sigma in pixels for noise_kind="smooth".
-        total_rounds: T, the number of FL rounds the schedules run over.
-    Masks
-        refresh_every: k; a sample's mask is computed when it is first seen and then every k
-            local steps (masks of unseen samples are computed in the same step).
-        mask_momentum: weight of the previous mask when a refreshed one arrives (paper: 0.1).
-        vulnerability_temperature: softmax temperature applied to the rank-equalised inverse
-            shadow error (values in [0, 1]); lower means sharper. The paper uses 20 on raw values.
-        relevance_method: captum attribution of the global model for the sample's class.
-        relevance_class: which class the attribution explains: "label" (the class given to
-            ``set_sample_ids``, the global model's prediction where none is given) or
-            "predicted" (always the prediction). A label-conditioned map makes where the noise
-            is weak depend on the label, a shortcut the model can learn (measured on RetinaMNIST).
-        relevance_top_fraction: only the top fraction of relevance pixels count (paper: 0.3).
-        relevance_temperature: kept pixels weigh exp((rank - 1) / T): with T = 1 every kept pixel
-            weighs 0.74..1, so the diagnostic region is spared strongly (the paper's T = 20 on raw
-            CAM values spares it by about 5%).
-        relevance_weight_min / relevance_weight_max: a_t = clip(t / T, min, max), how strongly
-            relevant pixels are spared (paper: 0.1 / 0.5).
-        combine: "product": M = V * (1 - a_t R) (relevant pixels get proportionally less noise);
-            "subtract": M = V - a_t R (the paper's rule).
-        mask_floor: every pixel gets at least this fraction of the peak, so no region is left
-            noise-free for an attacker to read.
-        mask_normalization: "rms" scales each mask to unit root-mean-square, so noise_amplitude
-            fixes the noise energy per image whatever the mask's shape (equal-energy ablations
-            are then exact); "peak" scales it to max 1 (the paper's convention).
-    Shadow
-        shadow: "feature_inverter" (ours: a small decoder from what the last layer's gradient
-            reveals back to the image, co-trained on the client's data), "generator" (the paper's
-            latent-code generator with gradient + BN-statistics matching) or "none".
-        shadow_lr, shadow_steps_per_batch, shadow_width: its optimiser and size.
-        shadow_train_every: co-train the shadow on every n-th local step's batch (its cost is
-            then 1/n of a small decoder step per step; masks change only every refresh anyway).
-    Hybrid differential privacy (off when dp_noise_multiplier is None)
-        dp_noise_multiplier, dp_max_grad_norm, dp_delta, dp_accountant: Opacus DP-SGD on top
-            of the masks; the update then carries (epsilon, delta).
-    Other
-        bn_statistics: "clean" updates BatchNorm running statistics from an extra no-grad
-            forward of the clean batch (the noised forward leaves them alone), so the global
-            model's statistics match the clean images it is used on; costs one forward per
-            step and shares clean batch statistics (per channel) in the update. "noised" keeps
-            the statistics of the noised inputs (the paper's behaviour; the model then sees
-            other statistics at test time).
-        update_kind: what ``protected_update()`` returns, a weight "delta" or the "gradient".
-        seed: seeds the noise and the shadow. None (the default) draws a secret seed per guard:
-            whoever knows the seed can regenerate the noise, so it never leaves the client
-            (it is not in the update's metadata). Set it only for reproducible experiments.
+    amplitude: w_0, the noise's RMS (mask RMS 1, unit-variance noise) as a fraction of the image's max |x|.
+    growth: w_t = w_0 exp(growth t / T). The paper (``shadowdef``) uses w_0 = 0.19 and growth 1.0 (noise
+        grows 2.7x over training); a negative growth decays it (keeps F1, protects less).
+    batch_exponent: a step's batch of B images is noised at w_t B^(-batch_exponent). An image's share of a
+        batch-averaged gradient is 1/B while B noises average down as 1/sqrt(B): 0.5 keeps each image's
+        signal-to-noise ratio about equal across batch sizes. 0 noises every batch alike.
+    update_exponent: the same one level up: a client whose update covers N images (``wrap(...,
+        dataset_size=N)``) noises them at w_t N^(-update_exponent), so the noise goes to clients that share
+        few images, the ones attacks invert. 0 ignores N.
+    kind: "smooth" (Gaussian noise low-passed over ``smoothness`` pixels, fresh each step: denoising
+        attackers cannot strip it), "gaussian"/"uniform" (white), or "mask" (the mask itself).
+    smoothness: the low-pass filter's sigma in pixels (voxels for volumes) for kind="smooth".
     """
 
-    # Measured (RESULTS.md): smooth noise survives the adaptive attacker's denoising where white
-    # noise of the same energy does not, and 0.3 keeps PneumoniaMNIST F1 within a point.
-    noise_amplitude: float = 0.3
-    amplitude_growth: float = 0.0
+    # Measured: smooth noise survives the adaptive attacker's denoising where white noise of the same
+    # energy does not, and 0.3 keeps PneumoniaMNIST F1 within a point.
+    amplitude: float = 0.3
+    growth: float = 0.0
     batch_exponent: float = 0.0
     update_exponent: float = 0.0
-    noise_kind: NoiseKind = "smooth"
-    noise_smoothness: float = 1.5
-    total_rounds: int = 100
+    kind: NoiseKind = "smooth"
+    smoothness: float = 1.5
+
+    def __post_init__(self) -> None:
+        _validate(self, lambda: {
+            "amplitude": (self.amplitude >= 0, "must be >= 0"),
+            "batch_exponent": (self.batch_exponent >= 0, "must be >= 0"),
+            "update_exponent": (self.update_exponent >= 0, "must be >= 0"),
+            "smoothness": (self.smoothness > 0, "must be > 0"),
+        })
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Where the noise goes: M = floor + (1 - floor) V (1 - a_t R), per sample, smoothed over refreshes.
+
+    refresh_every: k; a sample's mask is computed when it is first seen, then for the whole batch every
+        k local steps.
+    momentum: weight of the previous mask when a refreshed one arrives (paper: 0.1).
+    vulnerability_temperature: softmax temperature on the rank-equalised inverse shadow error (values in
+        [0, 1]); lower is sharper. The paper uses 20 on raw values.
+    relevance_method: how the global model's relevance map is computed: "gradcam" (the last convolution,
+        2-D or 3-D), "guided_gradcam", "saliency", "integrated_gradients" (captum), a registered method,
+        or "none".
+    relevance_class: the class the map explains: "label" (the class given to ``set_sample_ids``, else the
+        prediction) or "predicted" (always the prediction; label-free, so where the noise is weak cannot
+        reveal the label to the model).
+    relevance_top_fraction: only the top fraction of relevance pixels count (paper: 0.3).
+    relevance_temperature: kept pixels weigh exp((rank - 1) / T): with T = 1 every kept pixel weighs
+        0.74..1, so the diagnostic region is spared strongly (the paper's T = 20 spares it by about 5%).
+    relevance_weight_min / relevance_weight_max: a_t = clip(t / T, min, max), how strongly relevant pixels
+        are spared (paper: 0.1 / 0.5).
+    combine: "product": V (1 - a_t R); "subtract": V - a_t R (the paper's rule).
+    floor: every pixel gets at least this fraction of the peak, so no region is left bare.
+    normalization: "rms" (unit root-mean-square: the amplitude fixes the noise energy whatever the mask's
+        shape) or "peak" (max 1, the paper's convention).
+    """
 
     refresh_every: int = 10
-    mask_momentum: float = 0.1
+    momentum: float = 0.1
     vulnerability_temperature: float = 0.25
-    relevance_method: RelevanceMethod = "gradcam"
-    relevance_class: Literal["label", "predicted"] = "label"
+    relevance_method: str = "gradcam"
+    relevance_class: RelevanceClass = "label"
     relevance_top_fraction: float = 0.3
     relevance_weight_min: float = 0.5
     relevance_weight_max: float = 0.9
     relevance_temperature: float = 1.0
     combine: CombineRule = "product"
-    mask_floor: float = 0.1
-    mask_normalization: Literal["rms", "peak"] = "rms"
-
-    shadow: ShadowKind = "feature_inverter"
-    shadow_lr: float = 2e-3
-    shadow_steps_per_batch: int = 1
-    shadow_train_every: int = 4
-    shadow_width: int = 16
-
-    dp_noise_multiplier: float | None = None
-    dp_max_grad_norm: float = 1.0
-    dp_delta: float = 1e-5
-    dp_accountant: str = "rdp"
-
-    bn_statistics: Literal["clean", "noised"] = "clean"
-    update_kind: Literal["delta", "gradient"] = "delta"
-    seed: int | None = None
+    floor: float = 0.1
+    normalization: Normalization = "rms"
 
     def __post_init__(self) -> None:
-        checks = {
-            "noise_amplitude": self.noise_amplitude >= 0,
-            "batch_exponent": self.batch_exponent >= 0,
-            "update_exponent": self.update_exponent >= 0,
-            "noise_smoothness": self.noise_smoothness > 0,
-            "total_rounds": self.total_rounds >= 1,
-            "refresh_every": self.refresh_every >= 1,
-            "mask_momentum": 0 <= self.mask_momentum < 1,
-            "vulnerability_temperature": self.vulnerability_temperature > 0,
-            "relevance_temperature": self.relevance_temperature > 0,
-            "relevance_top_fraction": 0 < self.relevance_top_fraction <= 1,
-            "relevance_weight_min": 0 <= self.relevance_weight_min <= self.relevance_weight_max <= 1,
-            "mask_floor": 0 <= self.mask_floor <= 1,
-            "shadow_steps_per_batch": self.shadow_steps_per_batch >= 0,
-            "shadow_train_every": self.shadow_train_every >= 1,
-            "dp_max_grad_norm": self.dp_max_grad_norm > 0,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid GuardConfig field(s) {bad}: see the GuardConfig docstring for ranges")
+        from gradguard.relevance import RELEVANCE_METHODS
 
-    def with_(self, **changes: Any) -> "GuardConfig":
-        return replace(self, **changes)
+        _validate(self, lambda: {
+            "refresh_every": (self.refresh_every >= 1, "must be >= 1"),
+            "momentum": (0 <= self.momentum < 1, "must be in [0, 1)"),
+            "vulnerability_temperature": (self.vulnerability_temperature > 0, "must be > 0"),
+            "relevance_method": _registered(self.relevance_method, RELEVANCE_METHODS),
+            "relevance_top_fraction": (0 < self.relevance_top_fraction <= 1, "must be in (0, 1]"),
+            "relevance_weight_min": (0 <= self.relevance_weight_min <= self.relevance_weight_max,
+                                     "must be in [0, relevance_weight_max]"),
+            "relevance_weight_max": (self.relevance_weight_max <= 1, "must be in [relevance_weight_min, 1]"),
+            "relevance_temperature": (self.relevance_temperature > 0, "must be > 0"),
+            "floor": (0 <= self.floor <= 1, "must be in [0, 1]"),
+        })
+
+
+@dataclass(frozen=True)
+class ShadowConfig:
+    """The stand-in attacker whose per-pixel error says where an image is recovered.
+
+    kind: "feature_inverter" (a small decoder from what the final Linear's gradient reveals back to the
+        image, co-trained on the client's data), "generator" (the paper's latent-code generator matching
+        gradients and BatchNorm statistics; 2-D images), a registered shadow, or "none".
+    lr, steps_per_batch, width: its Adam learning rate, steps per observed batch and channel width.
+    train_every: co-train on every n-th local step's batch (masks change only every refresh anyway).
+    """
+
+    kind: str = "feature_inverter"
+    lr: float = 2e-3
+    steps_per_batch: int = 1
+    train_every: int = 4
+    width: int = 16
+
+    def __post_init__(self) -> None:
+        from gradguard.shadow import SHADOWS
+
+        _validate(self, lambda: {
+            "kind": _registered(self.kind, SHADOWS),
+            "lr": (self.lr > 0, "must be > 0"),
+            "steps_per_batch": (self.steps_per_batch >= 0, "must be >= 0"),
+            "train_every": (self.train_every >= 1, "must be >= 1"),
+            "width": (self.width >= 1, "must be >= 1"),
+        })
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Hybrid differential privacy: Opacus DP-SGD on top of the masks, off while noise_multiplier is None.
+
+    With it on, ``wrap`` needs the DataLoader and returns a Poisson-sampling one (as Opacus'
+    ``make_private`` does), so the accountant's (epsilon, delta) holds for the steps taken.
+    noise_multiplier: sigma of DP-SGD's Gaussian noise relative to max_grad_norm.
+    max_grad_norm: the per-sample gradient clipping norm.
+    delta: the delta epsilon is reported at; below 1 / dataset size.
+    accountant: Opacus' accountant, "rdp", "prv" or "gdp".
+    """
+
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    accountant: Accountant = "rdp"
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier is not None
+
+    def __post_init__(self) -> None:
+        _validate(self, lambda: {
+            "noise_multiplier": (self.noise_multiplier is None or self.noise_multiplier >= 0, "must be >= 0"),
+            "max_grad_norm": (self.max_grad_norm > 0, "must be > 0"),
+            "delta": (0 < self.delta < 1, "must be in (0, 1)"),
+        })
+
+
+# flat keyword name -> (group, field): the names GuardConfig also accepts and reads.
+FLAT_FIELDS: dict[str, tuple[str, str]] = {
+    "noise_amplitude": ("noise", "amplitude"), "amplitude_growth": ("noise", "growth"),
+    "batch_exponent": ("noise", "batch_exponent"), "update_exponent": ("noise", "update_exponent"),
+    "noise_kind": ("noise", "kind"), "noise_smoothness": ("noise", "smoothness"),
+    "refresh_every": ("masks", "refresh_every"), "mask_momentum": ("masks", "momentum"),
+    **{name: ("masks", name) for name in (
+        "vulnerability_temperature", "relevance_method", "relevance_class", "relevance_top_fraction",
+        "relevance_weight_min", "relevance_weight_max", "relevance_temperature", "combine")},
+    "mask_floor": ("masks", "floor"), "mask_normalization": ("masks", "normalization"),
+    "shadow": ("shadow", "kind"), "shadow_lr": ("shadow", "lr"),
+    "shadow_steps_per_batch": ("shadow", "steps_per_batch"), "shadow_train_every": ("shadow", "train_every"),
+    "shadow_width": ("shadow", "width"),
+    "dp_noise_multiplier": ("dp", "noise_multiplier"), "dp_max_grad_norm": ("dp", "max_grad_norm"),
+    "dp_delta": ("dp", "delta"), "dp_accountant": ("dp", "accountant"),
+}
+FLAT_NAME = {where: flat for flat, where in FLAT_FIELDS.items()}
+GROUPS: dict[str, type] = {"noise": NoiseConfig, "masks": MaskConfig, "shadow": ShadowConfig, "dp": DPConfig}
+GROUP_OF = {cls.__name__: name for name, cls in GROUPS.items()} | {"GuardConfig": ""}
+
+
+@dataclass(frozen=True, init=False)
+class GuardConfig:
+    """Every knob of GradGuard, in four groups; the defaults are the measured ``default`` preset.
+
+    noise (:class:`NoiseConfig`), masks (:class:`MaskConfig`), shadow (:class:`ShadowConfig`),
+    dp (:class:`DPConfig`), and:
+
+    total_rounds: T, the number of FL rounds the noise and relevance schedules run over.
+    bn_statistics: "clean" updates BatchNorm running statistics from an extra no-grad forward of the clean
+        batch (the noised forward leaves them alone), so the global model's statistics match the clean
+        images it is used on; "noised" keeps the noised inputs' statistics (the paper's behaviour).
+    update_kind: what ``protected_update()`` returns: the weight "delta" of the round (FedAvg), or the
+        "gradient" at the weights the round started from (FedSGD: one local step per round).
+    seed: seeds the noise and the shadow. None (the default) draws a secret seed per guard: whoever knows
+        it can regenerate the noise, so it never leaves the client. Set it only for reproducible experiments.
+
+    Groups are given as objects or field by field under their flat names, e.g.
+    ``GuardConfig(noise=NoiseConfig(amplitude=0.2))`` equals ``GuardConfig(noise_amplitude=0.2)``.
+    """
+
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    total_rounds: int = 100
+    bn_statistics: BatchNormStatistics = "clean"
+    update_kind: UpdateKind = "delta"
+    seed: int | None = None
+
+    def __init__(self, *, noise: NoiseConfig | None = None, masks: MaskConfig | None = None,
+                 shadow: ShadowConfig | str | None = None, dp: DPConfig | None = None, total_rounds: int = 100,
+                 bn_statistics: BatchNormStatistics = "clean", update_kind: UpdateKind = "delta",
+                 seed: int | None = None, **flat: Any) -> None:
+        if isinstance(shadow, str):  # the flat name of shadow.kind
+            flat["shadow"], shadow = shadow, None
+        groups: dict[str, Any] = {"noise": noise, "masks": masks, "shadow": shadow, "dp": dp}
+        changes: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
+        for name, value in flat.items():
+            if name not in FLAT_FIELDS:
+                valid = [*FLAT_FIELDS, *(f.name for f in fields(GuardConfig))]
+                raise ConfigError(f"GuardConfig has no field {name!r}{suggestion(name, valid)}; "
+                                  f"valid: {sorted(set(valid))}")
+            group, key = FLAT_FIELDS[name]
+            changes[group][key] = value
+        for name, cls in GROUPS.items():
+            given = groups[name]
+            if given is not None and not isinstance(given, cls):
+                raise ConfigError(f"GuardConfig({name}=...) must be a {cls.__name__}, got {type(given).__name__}")
+            base: Any = given if given is not None else cls()
+            object.__setattr__(self, name, replace(base, **changes[name]) if changes[name] else base)
+        for name, value in (("total_rounds", total_rounds), ("bn_statistics", bn_statistics),
+                            ("update_kind", update_kind), ("seed", seed)):
+            object.__setattr__(self, name, value)
+        _validate(self, lambda: {"total_rounds": (self.total_rounds >= 1, "must be >= 1")})
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names that are not fields: the flat names read through their group.
+        where = FLAT_FIELDS.get(name)
+        if where is None or name == "shadow":
+            raise AttributeError(f"GuardConfig has no attribute {name!r}")
+        return getattr(object.__getattribute__(self, where[0]), where[1])
+
+    def with_(self, **changes: Any) -> GuardConfig:
+        """A copy with fields changed, by group or by flat name (validated like a new config)."""
+        current: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        if isinstance(changes.get("shadow"), str):  # the flat name of shadow.kind keeps the other shadow fields
+            current["shadow"] = replace(self.shadow, kind=changes.pop("shadow"))
+        return GuardConfig(**{**current, **changes})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,13 +333,22 @@ class GuardConfig:
         return {k: v for k, v in asdict(self).items() if k != "seed"}
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "GuardConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> GuardConfig:
+        """The config that :meth:`to_dict` or :meth:`public_dict` wrote (e.g. an update's
+        ``metadata["config"]``), validated like a new one."""
+        data = dict(data)
+        groups = {name: GROUPS[name](**data.pop(name)) for name in GROUPS if isinstance(data.get(name), dict)}
+        return cls(**groups, **data)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> GuardConfig:
         """A named preset: default, chest_xray, fundus, shadowdef, shadow_only, relevance_only, untargeted."""
         try:
             base = PRESETS[name]
         except KeyError:
-            raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
-        return replace(base, **overrides)
+            raise ConfigError(f"unknown preset {name!r}{suggestion(name, PRESETS)}; choose from {sorted(PRESETS)}") \
+                from None
+        return base.with_(**overrides)
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -177,20 +364,12 @@ PRESETS: dict[str, GuardConfig] = {
     # maps, top-30% Grad-CAM subtracted with a_t = clip(t/T, 0.1, 0.5), w_t = 0.19 exp(t/T),
     # mask momentum 0.1, the mask itself as the perturbation.
     "shadowdef": GuardConfig(
-        noise_amplitude=0.19,
-        amplitude_growth=1.0,
-        noise_kind="mask",
-        refresh_every=1,
-        vulnerability_temperature=20.0,
-        relevance_temperature=20.0,
-        relevance_weight_min=0.1,
-        relevance_weight_max=0.5,
-        combine="subtract",
-        mask_floor=0.0,
-        mask_normalization="peak",
+        noise=NoiseConfig(amplitude=0.19, growth=1.0, kind="mask"),
+        masks=MaskConfig(refresh_every=1, vulnerability_temperature=20.0, relevance_temperature=20.0,
+                         relevance_weight_min=0.1, relevance_weight_max=0.5, combine="subtract", floor=0.0,
+                         normalization="peak"),
+        shadow=ShadowConfig(kind="generator", steps_per_batch=5),
         bn_statistics="noised",
-        shadow="generator",
-        shadow_steps_per_batch=5,
     ),
     # Measured per modality (RESULTS.md, session 8). Both spend the noise on updates that cover few
     # images (update_exponent; wrap needs dataset_size), which the attacks invert, so the clients

@@ -18,3 +18,7 @@ def last_layer(model: nn.Module, kind: type[nn.Module], *, needed_for: str, fix:
     if not found:
         raise UnsupportedModelError(f"{type(model).__name__} has no nn.{kind.__name__}, {needed_for}; fix: {fix}")
     return found[-1]
+
+
+class ConfigError(GradGuardError, ValueError):
+    """A GuardConfig field, or an argument of ``wrap``, has the wrong type or an invalid value."""

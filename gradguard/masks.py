@@ -1,6 +1,6 @@
 """The mask mathematics: small pure functions, and the per-sample mask store.
 
-Maps are tensors [B, 1, H, W]. A vulnerability map is high where an attacker recovers the
+Maps are tensors [B, 1, H, W] (or [B, 1, D, H, W] for volumes). A vulnerability map is high where an attacker recovers the
 pixel well; a relevance map is high where the diagnosis looks. The mask M says where noise
 goes; it is normalised per sample so that the noise budget does not depend on its shape.
 """
@@ -15,6 +15,11 @@ import torch
 import torch.nn.functional as F
 
 Normalization = Literal["rms", "peak"]
+
+
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample values [B] shaped to broadcast against ``like`` [B, ...]."""
+    return values.view(-1, *([1] * (like.ndim - 1)))
 
 
 def equalize(x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +103,7 @@ def combine(vulnerability: torch.Tensor, relevance: torch.Tensor, *, weight: flo
         mask = vulnerability * (1.0 - weight * relevance)
     else:
         mask = (vulnerability - weight * relevance).clamp_min(0.0)
-    mask = mask / mask.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    mask = mask / per_sample(mask.flatten(1).amax(dim=1).clamp_min(1e-12), mask)
     mask = floor + (1.0 - floor) * mask
     return normalize(mask, normalization)
 
@@ -106,7 +111,7 @@ def combine(vulnerability: torch.Tensor, relevance: torch.Tensor, *, weight: flo
 def normalize(mask: torch.Tensor, normalization: Normalization) -> torch.Tensor:
     flat = mask.flatten(1)
     scale = flat.pow(2).mean(dim=1).sqrt() if normalization == "rms" else flat.amax(dim=1)
-    return mask / scale.clamp_min(1e-12).view(-1, 1, 1, 1)
+    return mask / per_sample(scale.clamp_min(1e-12), mask)
 
 
 def smooth(previous: torch.Tensor, fresh: torch.Tensor, *, momentum: float) -> torch.Tensor:
@@ -115,7 +120,8 @@ def smooth(previous: torch.Tensor, fresh: torch.Tensor, *, momentum: float) -> t
 
 
 def low_pass_noise(white: torch.Tensor, *, sigma: float) -> torch.Tensor:
-    """White noise blurred by a Gaussian of ``sigma`` pixels, rescaled to unit variance per sample.
+    """White noise blurred by a Gaussian of ``sigma`` pixels (voxels for [B, C, D, H, W]), rescaled
+    to unit variance per sample.
 
     Denoisers (TV, non-local means) remove white noise from a reconstruction but not spatially
     correlated noise, so at equal energy this survives an adaptive attacker.
@@ -124,19 +130,30 @@ def low_pass_noise(white: torch.Tensor, *, sigma: float) -> torch.Tensor:
     offsets = torch.arange(-radius, radius + 1, device=white.device, dtype=white.dtype)
     kernel = torch.exp(-offsets.pow(2) / (2 * sigma ** 2))
     kernel = kernel / kernel.sum()
-    channels = white.shape[1]
-    rows = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
-    cols = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
-    blurred = F.conv2d(F.pad(white, (0, 0, radius, radius), mode="reflect"), rows, groups=channels)
-    blurred = F.conv2d(F.pad(blurred, (radius, radius, 0, 0), mode="reflect"), cols, groups=channels)
-    std = blurred.flatten(1).std(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    return blurred / std
+    channels, spatial = white.shape[1], white.ndim - 2
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    blurred = white
+    for axis in range(spatial):  # separable: one 1-D blur per spatial axis
+        shape = [1] * spatial
+        shape[axis] = -1
+        pad = [0, 0] * spatial
+        pad[2 * (spatial - 1 - axis):2 * (spatial - axis)] = [radius, radius]  # F.pad lists the last axis first
+        weight = kernel.view(1, 1, *shape).expand(channels, 1, *kernel.view(*shape).shape)
+        blurred = conv(F.pad(blurred, pad, mode="reflect"), weight, groups=channels)
+    std = blurred.flatten(1).std(dim=1).clamp_min(1e-12)
+    return blurred / per_sample(std, blurred)
+
+
+def sample_ids(images: torch.Tensor) -> list[str]:
+    """A stable id per sample from its bytes, so its mask persists across rounds and re-wraps; the
+    batch moves to the CPU once (one device synchronisation, not one per image)."""
+    data = images.detach().to("cpu", torch.float32).contiguous().numpy()
+    return [hashlib.blake2b(row.tobytes(), digest_size=12).hexdigest() for row in data]
 
 
 def sample_id(image: torch.Tensor) -> str:
-    """A stable id from a sample's bytes, so its mask persists across rounds and re-wraps."""
-    data = image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return hashlib.blake2b(data, digest_size=12).hexdigest()
+    """:func:`sample_ids` of one sample."""
+    return sample_ids(image[None])[0]
 
 
 @dataclass
@@ -159,5 +176,9 @@ class MaskStore:
                                                                       momentum=momentum)
             self.refreshed_at[sid] = step
 
-    def stack(self, ids: list[str], device: torch.device) -> torch.Tensor:
-        return torch.stack([self.masks[sid].to(device) for sid in ids])
+    def stack(self, ids: list[str], like: torch.Tensor) -> torch.Tensor:
+        """The masks of ``ids`` on ``like``'s device and dtype."""
+        for sid in ids:  # masks loaded from a saved state arrive on the CPU: moved once, not every step
+            if self.masks[sid].device != like.device:
+                self.masks[sid] = self.masks[sid].to(like.device)
+        return torch.stack([self.masks[sid] for sid in ids]).to(like.dtype)

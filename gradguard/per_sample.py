@@ -9,13 +9,25 @@ the fix (``opacus.validators.ModuleValidator.fix``, BatchNorm -> GroupNorm).
 """
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from gradguard.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from opacus.accountants import IAccountant
+
+
+# Opacus' per-sample hooks are full backward hooks on modules whose inputs need no gradient (the
+# images); torch warns about that on every backward although the per-sample gradients are right.
+_BACKWARD_HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to module outputs"
 
 
 def validate_per_sample(model: nn.Module) -> None:
@@ -49,12 +61,14 @@ def per_sample_gradients(model: nn.Module, images: torch.Tensor, targets: torch.
     from opacus import GradSampleModule
 
     validate_per_sample(model)
+    warnings.filterwarnings("ignore", message=_BACKWARD_HOOK_WARNING, category=UserWarning)
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     try:
         wrapped.zero_grad(set_to_none=True)
         F.cross_entropy(wrapped(images), targets, reduction="sum").backward()
-        return {name: p.grad_sample.detach().clone() for name, p in model.named_parameters()
-                if p.requires_grad and p.grad_sample is not None}
+        # Opacus sets grad_sample on each parameter it hooks.
+        samples = {name: getattr(p, "grad_sample", None) for name, p in model.named_parameters() if p.requires_grad}
+        return {name: g.detach().clone() for name, g in samples.items() if g is not None}
     finally:
         wrapped.zero_grad(set_to_none=True)
         wrapped._close()
@@ -62,33 +76,58 @@ def per_sample_gradients(model: nn.Module, images: torch.Tensor, targets: torch.
 
 @dataclass
 class HybridDP:
-    """DP-SGD on top of the masks: Opacus' GradSampleModule + DPOptimizer + an accountant."""
+    """DP-SGD on top of the masks: Opacus' GradSampleModule + DPOptimizer + a Poisson DataLoader,
+    with the accountant charged at the loader's sampling rate, as Opacus' ``make_private`` does."""
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
-    accountant: object
+    data_loader: DataLoader
+    accountant: IAccountant
     delta: float
 
     @classmethod
-    def attach(cls, model: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
-               max_grad_norm: float, batch_size: int, dataset_size: int, delta: float,
-               accountant: str | object, generator: torch.Generator | None = None) -> "HybridDP":
-        """Wrap for DP-SGD. ``accountant`` is a mechanism name for a fresh accountant, or an
-        accountant from an earlier round, so privacy spent accumulates over the whole run."""
+    def attach(cls, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *,
+               noise_multiplier: float, max_grad_norm: float, delta: float, accountant: IAccountant,
+               on_step: Callable[[], None]) -> HybridDP:
+        """Wrap for DP-SGD. ``accountant`` carries the privacy spent in earlier rounds, so epsilon
+        accumulates over the whole training; ``on_step`` is called at every DP step."""
         from opacus import GradSampleModule
-        from opacus.accountants import create_accountant
+        from opacus.data_loader import DPDataLoader
         from opacus.optimizers import DPOptimizer
 
         validate_per_sample(model)
+        # The accountant assumes every sample joins a step independently with probability q
+        # (Poisson sampling); shuffled fixed-size batches would make the reported epsilon wrong.
+        poisson = DPDataLoader.from_data_loader(data_loader)
+        sample_rate = 1 / len(data_loader)
+        warnings.filterwarnings("ignore", message=_BACKWARD_HOOK_WARNING, category=UserWarning)
         module = GradSampleModule(model)
         dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                   expected_batch_size=batch_size, generator=generator)
-        tracker = create_accountant(mechanism=accountant) if isinstance(accountant, str) else accountant
-        dp_optimizer.attach_step_hook(tracker.get_optimizer_hook_fn(sample_rate=batch_size / dataset_size))
-        return cls(module=module, optimizer=dp_optimizer, accountant=tracker, delta=delta)
+                                   expected_batch_size=max(int(len(data_loader.dataset) * sample_rate), 1))  # type: ignore[arg-type]
+        charge = accountant.get_optimizer_hook_fn(sample_rate=sample_rate)
 
-    def epsilon(self) -> float:
-        return float(self.accountant.get_epsilon(delta=self.delta)) if len(self.accountant) else 0.0
+        def step_hook(optim: DPOptimizer) -> None:
+            charge(optim)
+            on_step()
+
+        dp_optimizer.attach_step_hook(step_hook)
+        return cls(module=module, optimizer=dp_optimizer, data_loader=poisson, accountant=accountant, delta=delta)
 
     def detach(self) -> None:
-        self.module._close()
+        self.module._close()  # type: ignore[operator]
+
+
+def new_accountant(mechanism: str) -> IAccountant:
+    from opacus.accountants import create_accountant
+
+    return create_accountant(mechanism=mechanism)
+
+
+def epsilon(accountant: IAccountant, delta: float) -> float:
+    """The accountant's epsilon at ``delta``; 0 before any step. Opacus' RDP accountant warns when
+    the optimal order is at the edge of its alphas; the value is still a valid upper bound."""
+    if not len(accountant.history):
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return float(accountant.get_epsilon(delta=delta))

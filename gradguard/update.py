@@ -10,14 +10,14 @@ from torch import nn
 UpdateKind = Literal["delta", "gradient"]
 
 
-@dataclass
+@dataclass(repr=False)
 class ProtectedUpdate:
     """A client's shared update for one round.
 
     ``tensors`` maps state-dict names to CPU tensors. For ``kind="delta"`` they are
     ``local_weights - global_weights`` (parameters and floating-point buffers, so BatchNorm
     running statistics are averaged too); for ``kind="gradient"`` they are the gradient of one
-    step (parameters only). Everything an attacker could know about the round (batch size,
+    step at the weights the round started from (parameters only). Everything an attacker could know about the round (batch size,
     learning rate, local steps) travels in the metadata because a server sees it anyway.
     """
 
@@ -38,6 +38,12 @@ class ProtectedUpdate:
             raise ValueError(f"kind must be 'delta' or 'gradient', got {self.kind!r}")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+
+    def __repr__(self) -> str:
+        guarantee = f", epsilon={self.epsilon:.3g}, delta={self.delta:g}" if self.epsilon is not None else ""
+        return (f"ProtectedUpdate(kind={self.kind!r}, round={self.round}, client_id={self.client_id!r}, "
+                f"tensors={len(self.tensors)} ({self.num_bytes() / 2 ** 20:.2f} MiB), num_samples={self.num_samples}, "
+                f"num_steps={self.num_steps}{guarantee})")
 
     def apply_to(self, model: nn.Module, *, scale: float = 1.0) -> None:
         """Add ``scale * delta`` to ``model``'s state in place (``kind="delta"`` only)."""

@@ -12,6 +12,7 @@ def _run_first_block_after(heading: str) -> list[str]:
     text = README.read_text()
     section = text[text.index(heading):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "gradguard.eval" not in code  # the user's own model, in plain torch
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(code, "README.md", "exec"), {})

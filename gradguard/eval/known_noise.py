@@ -168,5 +168,5 @@ def gradguard_noise_for_update(update: ProtectedUpdate, *, model: nn.Module) -> 
     if "config" not in update.metadata:
         raise ValueError("the update carries no GradGuard configuration (metadata['config'], written by "
                          "GradGuard.protected_update); build the noise with gradguard_noise(config, model=...)")
-    config = GuardConfig(**json.loads(update.metadata["config"]))
+    config = GuardConfig.from_dict(json.loads(update.metadata["config"]))
     return gradguard_noise(config, model=model, round=update.round, dataset_size=update.num_samples)

@@ -26,7 +26,6 @@ engine each message runs in a fresh ClientApp process, so in-memory state would 
 """
 from __future__ import annotations
 
-import io
 import json
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,6 +34,7 @@ from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -45,7 +45,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from gradguard.config import GuardConfig, derive_seed
+from gradguard.config import FLAT_FIELDS, GROUPS, GuardConfig, derive_seed, suggestion
+from gradguard.errors import ConfigError
 from gradguard.guard import GradGuard
 from gradguard.update import ProtectedUpdate
 
@@ -86,10 +87,12 @@ def guard_config(run_config: Mapping[str, Any], *, base: GuardConfig | None = No
                          "noise and could redraw it. The seed is each node's secret; for reproducible experiments "
                          f"start the SuperNode with --node-config '{NODE_SEED_KEY}=<int>'")
     preset = changes.pop("preset", None)
-    unknown = sorted(set(changes) - {f.name for f in fields(GuardConfig)})
+    valid = sorted({*FLAT_FIELDS, *(f.name for f in fields(GuardConfig) if f.name not in GROUPS)} - {"seed"})
+    unknown = sorted(set(changes) - set(valid))
     if unknown:
-        raise ValueError(f"run config keys {[_CONFIG_PREFIX + k.replace('_', '-') for k in unknown]} name no "
-                         f"GuardConfig field; valid: {sorted(f.name.replace('_', '-') for f in fields(GuardConfig))}")
+        keys = [_CONFIG_PREFIX + k.replace("_", "-") for k in valid]
+        bad = _CONFIG_PREFIX + unknown[0].replace("_", "-")
+        raise ConfigError(f"run config key {bad} names no GuardConfig field{suggestion(bad, keys)}; valid: {keys}")
     config = GuardConfig.preset(str(preset)) if preset is not None else (base or GuardConfig())
     if "total_rounds" not in changes and "num-server-rounds" in run_config:
         changes["total_rounds"] = int(run_config["num-server-rounds"])
@@ -108,16 +111,12 @@ def node_client_id(context: Context) -> str:
 
 
 def _save_guard(guard: GradGuard) -> bytes:
-    buffer = io.BytesIO()
-    torch.save({"masks": guard.masks, "shadow": guard.shadow, "total_steps": guard.total_steps}, buffer)
-    return buffer.getvalue()
+    """The guard's state (masks, shadow, steps) as safetensors bytes: tensors only, nothing to unpickle."""
+    return safetensors.torch.save(guard.state_dict())
 
 
-def _restore_guard(guard: GradGuard, state: bytes, device: torch.device) -> None:
-    # weights_only=False unpickles the shadow model; the bytes are this node's own, from its
-    # Context.state, which Flower never sends off the node.
-    saved = torch.load(io.BytesIO(state), map_location=device, weights_only=False)
-    guard.masks, guard.shadow, guard.total_steps = saved["masks"], saved["shadow"], saved["total_steps"]
+def _restore_guard(guard: GradGuard, state: bytes) -> None:
+    guard.load_state_dict(safetensors.torch.load(state))
 
 
 @dataclass(frozen=True)
@@ -146,15 +145,16 @@ def guarded_round(model: nn.Module, optimizer: torch.optim.Optimizer, train: Tra
         raise ValueError("Flower strategies average model weights, so a Flower client shares weight deltas; "
                          "use GuardConfig(update_kind='delta')")
     if config.dp_noise_multiplier is not None:
-        raise ValueError("GradGuard's hybrid DP is not available on Flower yet (its accountant would restart "
-                         "every round and under-report epsilon); for an (epsilon, delta) guarantee on the update "
+        raise ValueError("GradGuard's hybrid DP is not available on Flower yet (it needs wrap(data_loader=...) to "
+                         "sample as its accountant assumes, and the training function owns the loader); for an "
+                         "(epsilon, delta) guarantee on the update "
                          "add Flower's DifferentialPrivacyClientSideFixedClipping + fixedclipping_mod, or set "
                          "dp_noise_multiplier=None")
     # Fresh noise per client and round; no seed means the guard draws a secret one.
     seed = None if config.seed is None else derive_seed(config.seed, client_id, round)
     guard = GradGuard(config.with_(seed=seed), client_id=client_id)
     if state is not None:
-        _restore_guard(guard, state, next(model.parameters()).device)
+        _restore_guard(guard, state)
     guard.begin_round(round)
     train_model, train_optimizer = guard.wrap(model, optimizer, dataset_size=dataset_size)
     try:

@@ -49,9 +49,10 @@ def _bn_input_stats(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tenso
 
     def record(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         x = args[0]
-        stats.append(torch.cat([x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)]))
+        dims = (0, *range(2, x.ndim))  # every axis but the channel's
+        stats.append(torch.cat([x.mean(dim=dims), x.var(dim=dims, unbiased=False)]))
 
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     try:
         logits = model(images)
     finally:
@@ -62,13 +63,13 @@ def _bn_input_stats(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tenso
 
 @register_shadow("generator")
 class LatentGenerator(Shadow):
-    def __init__(self, *, feature_dim: int, image_shape: tuple[int, int, int], width: int, lr: float,
-                 steps: int, device: torch.device, seed: int) -> None:
-        self.device = device
+    def __init__(self, *, feature_dim: int, image_shape: tuple[int, ...], width: int, lr: float,
+                 steps: int, device: torch.device, dtype: torch.dtype, seed: int) -> None:
+        self.device, self.dtype = device, dtype
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            self.net = decoder(LATENT_DIM, image_shape, width).to(device)
+            self.net = decoder(LATENT_DIM, image_shape, width).to(device=device, dtype=dtype)
         self.latents: dict[str, torch.Tensor] = {}
         self.lr = lr
         self.steps = max(steps, 1)
@@ -80,8 +81,16 @@ class LatentGenerator(Shadow):
     def _codes(self, ids: list[str]) -> torch.Tensor:
         for sid in ids:
             if sid not in self.latents:
-                self.latents[sid] = torch.randn(LATENT_DIM, generator=self.generator).to(self.device)
+                self.latents[sid] = torch.randn(LATENT_DIM, generator=self.generator).to(self.device, self.dtype)
         return torch.stack([self.latents[sid] for sid in ids]).requires_grad_(True)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**super().state_dict(), **{f"latents.{sid}": code.cpu() for sid, code in self.latents.items()}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        self.latents = {k[len("latents."):]: v.to(self.device, self.dtype) for k, v in state.items()
+                        if k.startswith("latents.")}
 
     def error_map(self, inputs: ShadowInputs) -> torch.Tensor:
         model, images, targets = inputs.model, inputs.images, inputs.targets

@@ -19,11 +19,11 @@ def _scale_free(features: torch.Tensor) -> torch.Tensor:
 
 @register_shadow("feature_inverter")
 class FeatureInverter(Shadow):
-    def __init__(self, *, feature_dim: int, image_shape: tuple[int, int, int], width: int, lr: float,
-                 steps: int, device: torch.device, seed: int) -> None:
+    def __init__(self, *, feature_dim: int, image_shape: tuple[int, ...], width: int, lr: float,
+                 steps: int, device: torch.device, dtype: torch.dtype, seed: int) -> None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            self.net = decoder(feature_dim, image_shape, width).to(device)
+            self.net = decoder(feature_dim, image_shape, width).to(device=device, dtype=dtype)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
         self.steps = steps
 

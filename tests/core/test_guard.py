@@ -199,12 +199,13 @@ def test_unsupported_layers_are_named_with_the_fix():
         GradGuard().wrap(no_head, torch.optim.SGD(no_head.parameters(), lr=0.1))
     model = SmallCNN(1, 2, width=8, norm="batch")
     dp = GradGuard(GuardConfig(dp_noise_multiplier=1.0))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(16, 1, 8, 8)), batch_size=4)
     with pytest.raises(UnsupportedModelError, match=r"features\.1 \(BatchNorm2d\)(.|\n)*ModuleValidator\.fix"):
-        dp.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=4, dataset_size=16)
+        dp.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader)
     vector_model = nn.Sequential(nn.Linear(8, 2))
     guard = GradGuard(GuardConfig(relevance_method="saliency"))
     guard.wrap(vector_model, torch.optim.SGD(vector_model.parameters(), lr=0.1))
-    with pytest.raises(UnsupportedModelError, match=r"\[N, C, H, W\]"):
+    with pytest.raises(UnsupportedModelError, match=r"\[N, C, H, W\] or volumes"):
         vector_model(torch.randn(3, 8))
 
 

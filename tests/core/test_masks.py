@@ -83,7 +83,7 @@ def test_sample_id_is_stable_and_distinct():
 def test_config_rejects_bad_values_and_knows_presets():
     with pytest.raises(ValueError, match="mask_momentum"):
         GuardConfig(mask_momentum=1.5)
-    with pytest.raises(KeyError, match="unknown preset"):
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
         GuardConfig.preset("nope")
     paper = GuardConfig.preset("shadowdef")
     assert (paper.noise_amplitude, paper.amplitude_growth, paper.vulnerability_temperature) == (0.19, 1.0, 20.0)

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from gradguard import GradGuard, GuardConfig
 from gradguard.config import derive_seed
@@ -54,15 +55,22 @@ class GuardedDefense(Defense):
         guard = self._guard(context)
         guard.begin_round(context.round)
         optimizer = torch.optim.SGD(model.parameters(), lr=context.lr)
-        train_model, train_optimizer = guard.wrap(model, optimizer, batch_size=context.batch_size,
-                                                  dataset_size=context.num_samples)
-        offsets = [0]
-        for images, _ in batches:
-            offsets.append(offsets[-1] + len(images))
+        order = torch.arange(sum(len(images) for images, _ in batches))
+        if guard.config.dp.enabled:
+            # Hybrid DP's epsilon holds for Poisson-sampled batches: the guard draws them from a loader.
+            data = TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), order)
+            train_model, train_optimizer, poisson = guard.wrap(
+                model, optimizer, data_loader=DataLoader(data, batch_size=context.batch_size),
+                dataset_size=context.num_samples)
+            drawn = list(poisson)
+            batches, rows = [(x, y) for x, y, _ in drawn], [i for _, _, i in drawn]
+        else:
+            train_model, train_optimizer = guard.wrap(model, optimizer, dataset_size=context.num_samples)
+            rows = list(order.split([len(images) for images, _ in batches]))
 
         def name_samples(step: int, images: Tensor, targets: Tensor) -> None:
             # The client knows its labels: relevance maps explain the true class, not a guess.
-            ids = (list(context.sample_ids[offsets[step]:offsets[step + 1]]) if context.sample_ids is not None
+            ids = ([context.sample_ids[i] for i in rows[step].tolist()] if context.sample_ids is not None
                    else [sample_id(x) for x in images])
             guard.set_sample_ids(ids, labels=targets)
 
