@@ -649,13 +649,19 @@ class GradGuard:
 
     def noised(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x + w_t B^(-batch_exponent) N^(-update_exponent) max|x| M (noise), B = len(images), N the
-        images of the update: the training hook's rule."""
+        images of the update: the training hook's rule. With rms-normalised masks, M (noise) is
+        rescaled to unit root-mean-square per image, so the amplitude fixes each image's noise energy."""
         cfg = self.config.noise
         amplitude = mk.averaged_amplitude(
             mk.averaged_amplitude(self._schedules()[0], len(images), exponent=cfg.batch_exponent),
             self._update_images, exponent=cfg.update_exponent)
         scale = mk.per_sample(images.detach().flatten(1).abs().amax(dim=1), images)
-        return images + amplitude * scale * mask * self._noise_like(images)
+        perturbation = mask * self._noise_like(images)
+        if self.config.masks.normalization == "rms":
+            # The realised noise, not only its expectation, has unit mean square per image: a
+            # mask and its untargeted twin then inject the same energy from the same draws.
+            perturbation = mk.normalize(perturbation, "rms")
+        return images + amplitude * scale * perturbation
 
     def explain(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> MaskExplanation:
         """The maps GradGuard would use for ``images`` now (a model called as ``model(images)``),

@@ -262,3 +262,24 @@ def test_the_realised_energy_pairs_each_step_with_its_own_forward():
     extra = torch.zeros(4, 4)  # a defense's extra forward of another shape
     seen = [extra, (clean[0] + 0.5).flatten(1), clean[0].flatten(1), clean[1].flatten(1)]
     assert realised_energy(clean, seen) == pytest.approx(2 / 3)  # 1, 1 and 0
+
+
+def test_the_twin_of_a_setting_injects_the_same_energy_on_a_fixed_batch(chest):
+    from gradguard import GradGuard, GuardConfig
+    from gradguard.eval.models import ConvNet
+
+    images = chest[0][:8]
+    energies = {}
+    for spec in (Spec("chest_xray"), Spec("fundus"), Spec("gradguard")):
+        twin = twin_spec(spec)
+        for which in (spec, twin):
+            preset = "untargeted" if which.name == "untargeted" else ("default" if which.name == "gradguard"
+                                                                      else which.name)
+            guard = GradGuard(GuardConfig.preset(preset, seed=7, **which.params))
+            model = ConvNet(1, 2)
+            guard.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), dataset_size=8)
+            energies[which.label] = noise_energy(images, guard.explain(images).noised).mean().item()
+            guard.cleanup()
+        ratio = energies[twin.label] / energies[spec.label]
+        assert ratio == pytest.approx(1.0, abs=0.01), (spec, ratio)
+    assert energies["chest_xray"] != pytest.approx(energies["fundus"])  # amplitudes 0.9 and 1.0 differ
