@@ -68,6 +68,8 @@ class LeakageSetting:
         before the attacked round: 0 attacks an untrained model, a few dozen an early-round one.
     lr: the client's learning rate in the attacked round (and of the pre-training).
     attacks: None runs the experiment's attacks; a list replaces them for this setting.
+    defenses: None runs every defense of the experiment; a list runs only those (and their twins),
+        e.g. the baselines alone on a setting that leaks nothing undefended.
     """
 
     name: str
@@ -82,6 +84,7 @@ class LeakageSetting:
     trained_steps: int = 0
     lr: float = 0.05
     attacks: tuple[Spec, ...] | None = None
+    defenses: tuple[Spec, ...] | None = None
 
     def problems(self) -> list[str]:
         found = []
@@ -99,7 +102,15 @@ class LeakageSetting:
         if self.local_epochs < 1 or self.trained_steps < 0 or self.lr <= 0:
             found.append(f"setting {self.name!r}: need local_epochs >= 1, trained_steps >= 0 and lr > 0")
         found += _unknown_specs(self.attacks or (), ATTACKS, f"setting {self.name!r}: attack")
+        found += _unknown_specs(self.defenses or (), DEFENSES, f"setting {self.name!r}: defense")
         return found
+
+    def runs(self, defense: Spec, twin_of: str | None) -> bool:
+        """Whether this setting attacks ``defense`` (the twin of ``twin_of``, if any)."""
+        if self.defenses is None:
+            return True
+        labels = {spec.label for spec in self.defenses}
+        return defense.label in labels or twin_of in labels
 
     @property
     def steps(self) -> int:
@@ -248,8 +259,9 @@ def load_experiment(path: str | Path, *, device: str = "cpu", progress: bool = T
             problems.append(f"{where}: every setting needs a name")
             continue
         entry = {k: v for k, v in entry.items() if k in valid}
-        if "attacks" in entry:
-            entry["attacks"] = _specs(entry["attacks"], f"{where}: attacks", problems)
+        for key in ("attacks", "defenses"):
+            if key in entry:
+                entry[key] = _specs(entry[key], f"{where}: {key}", problems)
         try:
             setting = LeakageSetting(**entry)
         except TypeError as err:

@@ -472,7 +472,8 @@ def run_leakage(experiment: Experiment, out: str | Path, *, report_dir: str | Pa
         return sized.setdefault((name, size), Data.load(name, size))
 
     seeds = () if experiment.utility_results else experiment.utility.seeds
-    total = sum(len(defenses) * (len(seeds) + len(experiment.settings) * experiment.attack_seeds) for _ in datasets)
+    total = len(datasets) * sum(len(seeds) + experiment.attack_seeds * sum(s.runs(spec, of) for s in experiment.settings)
+                                for spec, of in defenses)
     cells: list[LeakageCell] = []
     runs = measured_runs(experiment.utility_results, [d.train.name for d in datasets.values()], defenses)
     trained = attacked = 0
@@ -491,7 +492,7 @@ def run_leakage(experiment: Experiment, out: str | Path, *, report_dir: str | Pa
                         trained += 1
                     runs.append(_read_json(path))
                     bar.update()
-                for setting in experiment.settings:
+                for setting in (s for s in experiment.settings if s.runs(spec, twin_of)):
                     for seed in range(experiment.attack_seeds):
                         path = (root / "cells" / data.train.name / setting.name / spec.slug / f"seed{seed}.json")
                         if not path.is_file():
