@@ -283,3 +283,14 @@ def test_the_twin_of_a_setting_injects_the_same_energy_on_a_fixed_batch(chest):
         ratio = energies[twin.label] / energies[spec.label]
         assert ratio == pytest.approx(1.0, abs=0.01), (spec, ratio)
     assert energies["chest_xray"] != pytest.approx(energies["fundus"])  # amplitudes 0.9 and 1.0 differ
+
+
+def test_a_setting_can_run_a_subset_of_the_defenses_with_their_twins():
+    from gradguard.eval.bench.experiment import LeakageSetting
+
+    setting = LeakageSetting(name="s", defenses=(Spec("none"), Spec("chest_xray")))
+    assert setting.runs(Spec("none"), None) and setting.runs(Spec("chest_xray"), None)
+    assert setting.runs(Spec("untargeted", {"noise_amplitude": 0.9, "update_exponent": 0.5}), "chest_xray")
+    assert not setting.runs(Spec("gradguard"), None) and not setting.runs(Spec("untargeted"), "gradguard")
+    assert LeakageSetting(name="t").runs(Spec("gradguard"), None)
+    assert "defense 'nope' is not registered" in " ".join(LeakageSetting(name="u", defenses=(Spec("nope"),)).problems())
