@@ -7,7 +7,7 @@ EXTRAS ?= dev,eval,flower
 SHARED ?= $(abspath ../shared)
 export GRADGUARD_SHARED ?= $(SHARED)
 
-.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-leakage bench-leakage-cpu bench-paper bench-paper-seeds bench-mid-clients proto clean
+.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-leakage bench-leakage-full bench-paper bench-paper-seeds bench-mid-clients proto clean
 
 venv: $(STAMP)
 
@@ -52,8 +52,8 @@ define leakage
 endef
 bench-leakage: $(STAMP)
 	$(call leakage,leakage)
-bench-leakage-cpu: $(STAMP)
-	$(call leakage,leakage-cpu)
+bench-leakage-full: $(STAMP)
+	$(call leakage,leakage-full)
 
 # The federation benchmark's full report (benchmarks/experiments/paper.toml) on CPU: one process per
 # dataset sharing the cache in bench-out/paper (a rerun resumes), then one report over both.

@@ -179,6 +179,11 @@ def test_a_small_experiment_runs_end_to_end_and_resumes(tmp_path):
     assert (out / "figures" / "privacy_utility_pneumoniamnist.png").is_file()
     again = run_leakage(load_experiment(path, progress=False), out)
     assert (again.trained, again.attacked) == (0, 0)
+    # A report from the cache alone leaves out what was never computed.
+    more = _write(tmp_path, TINY.replace('defenses = ["none", "chest_xray"]', 'defenses = ["none", "gaussian:sigma0=0.1"]'))
+    cached = run_leakage(load_experiment(more, progress=False), out, report_dir=tmp_path / "cached", compute=False)
+    assert (cached.trained, cached.attacked) == (0, 0)
+    assert [r["defense"] for r in json.loads((tmp_path / "cached" / "summary.json").read_text())] == ["none"]
 
 
 def test_any_medmnist_layout_file_runs_rgb_with_its_own_classes(tmp_path):

@@ -83,7 +83,8 @@ def _experiment(args: argparse.Namespace) -> int:
         raise SystemExit(f"gradguard bench: {err}") from None
     if experiment is None:
         return _federation(args, config)
-    return _run(args, lambda command: run_leakage(experiment, args.out, report_dir=args.report_dir, command=command),
+    return _run(args, lambda command: run_leakage(experiment, args.out, report_dir=args.report_dir, command=command,
+                                                  compute=not args.report_only),
                 lambda o: f"{o.trained} utility runs and {o.attacked} attacked updates computed; report in {o.report}")
 
 
@@ -126,6 +127,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "their captured updates")
     parser.add_argument("--experiment", metavar="FILE",
                         help="run the leakage benchmark of an experiment file (benchmarks/experiments/*.toml)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="with --experiment: write the report from the cached cells, computing nothing")
     parser.add_argument("--datasets", nargs="+", metavar="NAME", help="MedMNIST names (files in the data directory)")
     parser.add_argument("--data", nargs="+", metavar="PATH.npz",
                         help="any .npz file(s) in the MedMNIST layout (train/val/test images and labels), grey "

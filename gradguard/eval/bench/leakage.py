@@ -453,8 +453,9 @@ class LeakageOutcome:
 
 
 def run_leakage(experiment: Experiment, out: str | Path, *, report_dir: str | Path | None = None,
-                command: str | None = None) -> LeakageOutcome:
-    """Run (or resume) ``experiment`` with its cache in ``out``; write the report to ``report_dir``."""
+                command: str | None = None, compute: bool = True) -> LeakageOutcome:
+    """Run (or resume) ``experiment`` with its cache in ``out``; write the report to ``report_dir``.
+    With ``compute=False`` the report covers the cached cells only and nothing is computed."""
     from gradguard.eval.leakage_report import write_leakage_report
 
     root = Path(out)
@@ -485,6 +486,8 @@ def run_leakage(experiment: Experiment, out: str | Path, *, report_dir: str | Pa
             for spec, twin_of in defenses:
                 for seed in seeds:
                     path = utility_layout.train(data.train.name, spec, seed)
+                    if not path.is_file() and not compute:
+                        continue
                     if not path.is_file():
                         bar.set_postfix_str(f"{data.train.name} {spec.label} utility seed {seed}")
                         _write_json(path, train_run(experiment.utility, data, spec, seed, utility_layout,
@@ -495,6 +498,8 @@ def run_leakage(experiment: Experiment, out: str | Path, *, report_dir: str | Pa
                 for setting in (s for s in experiment.settings if s.runs(spec, twin_of)):
                     for seed in range(experiment.attack_seeds):
                         path = (root / "cells" / data.train.name / setting.name / spec.slug / f"seed{seed}.json")
+                        if not path.is_file() and not compute:
+                            continue
                         if not path.is_file():
                             bar.set_postfix_str(f"{data.train.name} {setting.name} {spec.label} seed {seed}")
                             lpips_metric = lpips_metric or LPIPSMetric(device=experiment.device)
