@@ -33,10 +33,11 @@ def _send(server, tokens, tensors=None, *, payload=None, client_id="c1", token=N
     if tensors is not None:
         update.tensors = tensors
     header = update_header(update, TensorPayload(update.tensors), client_id="c1")
-    if payload is not None:  # raw bytes under an otherwise honest header
-        header.total_bytes, header.sha256 = len(payload), hashlib.sha256(payload).hexdigest()
-    else:
+    if payload is None:
         payload = encode_tensors(update.tensors)
+    # The digest in the header, as clients before the UpdateTrailer send it (raw bytes get an
+    # otherwise honest header).
+    header.total_bytes, header.sha256 = len(payload), hashlib.sha256(payload).hexdigest()
     for name, value in header_fields.items():
         if name == "metadata":
             header.metadata.update(value)
