@@ -280,7 +280,10 @@ def main() -> None:
         return tcp_sink()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as workdir:
+        load_before = os.getloadavg()
         throughput = measure_throughput(args.repeats, Path(workdir) / "throughput", args.aggregation)
+        # The ratios are only comparable within a run: record how busy the machine was.
+        throughput["load_average_during_throughput"] = [round(x, 2) for x in (*load_before, *os.getloadavg())]
         crowd = measure_crowd(args.clients, tuple(args.widths), Path(workdir) / "crowd", args.aggregation)
     figures = {
         "throughput_ratio_vs_tcp": round(throughput.pop("throughput_ratio_vs_tcp"), 3),
@@ -300,7 +303,9 @@ def main() -> None:
                     "server_idle_rss_bytes": "< 150 MB"},
         "definitions": {
             "throughput_ratio_vs_tcp": "median TCP send time / median AggregatorClient.submit time (encode, "
-                                       "checksum, stream, server checks, fsync, ack) of the same bytes",
+                                       "stream while hashing, server checks, fsync, ack) of the same bytes",
+            "load_average_during_throughput": "the 1, 5 and 15 minute load averages before, then after, the "
+                                              "throughput measurement",
             "server_idle_rss_bytes": "the server's RSS with every client connected, before the measured round",
             "server_start_rss_bytes": "the RSS of a server holding the ResNet-18 model, just started",
             "peak_rss_over_model_size": "K in: server peak RSS during a round of all clients = K x model bytes "
