@@ -295,7 +295,7 @@ class RoundManager:
         part = self._store.incoming_path()
         global_fd = os.open(global_path, os.O_RDONLY)
         try:
-            with HashingWriter(part, writeback=self._config.fsync) as writer:
+            with HashingWriter(part, flush_behind=self._config.fsync) as writer:
                 receiver = UpdateReceiver(writer, header=header, spec=self.spec, global_fd=global_fd,
                                           global_header=global_header, global_bounds=global_bounds,
                                           max_metadata_bytes=self._config.max_metadata_bytes,
