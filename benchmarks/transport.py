@@ -245,6 +245,8 @@ def crowd_round(clients: int, state: dict[str, torch.Tensor], workdir: Path, agg
             thread.start()
         start_lines[0].wait()
         while start_lines[1].n_waiting < clients:  # round 0 is over for every client
+            if errors:  # a client failed: the barrier is broken and the run reports it
+                raise RuntimeError(f"{len(errors)} client(s) failed in round 0, e.g. {errors[0]}")
             time.sleep(0.05)
         time.sleep(0.5)
         idle = memory_kb(server.pid)["VmRSS"] * 1024

@@ -111,24 +111,28 @@ def _flushers() -> list[threading.Thread]:
 
 
 def test_a_file_flushed_behind_its_writer_holds_what_was_written(tmp_path, monkeypatch):
-    flushed = []
-    monkeypatch.setattr(wire.os, "fdatasync", lambda fd: flushed.append(fd) or os.fsync(fd))
+    flushed = threading.Event()
+    monkeypatch.setattr(wire.os, "fdatasync", lambda fd: (os.fsync(fd), flushed.set()))
     block = os.urandom(1 << 20)
     with HashingWriter(tmp_path / "u.part", flush_behind=True) as writer:
         for _ in range(2 * FLUSH_BEHIND_BYTES // len(block) + 1):
             writer.write(block)
+        assert flushed.wait(30), "the file is flushed while it is written"
         writer.fsync()
         assert writer.hexdigest() == file_sha256(tmp_path / "u.part")
-    assert flushed, "the file was flushed while it was written"
     assert (tmp_path / "u.part").stat().st_size == writer.written and not _flushers()
 
 
 def test_a_failed_flush_behind_the_writer_fails_the_fsync(tmp_path, monkeypatch):
+    tried = threading.Event()
+
     def broken(fd):
+        tried.set()
         raise OSError(5, "Input/output error")
     monkeypatch.setattr(wire.os, "fdatasync", broken)
     writer = HashingWriter(tmp_path / "u.part", flush_behind=True)
     writer.write(b"x" * FLUSH_BEHIND_BYTES)
+    assert tried.wait(30)  # the flush behind the writer ran (and failed)
     with pytest.raises(OSError, match="Input/output error"):
         writer.fsync()
     writer.close()
