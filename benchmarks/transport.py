@@ -1,11 +1,12 @@
 """The gRPC transport on loopback, in one run.
 
 1. Throughput: a ResNet-18-sized update (about 45 MB) submitted through AggregatorClient to a
-   `gradguard serve` process (encode, checksum, stream, check, persist, ack: the whole call), vs
-   the same bytes sent over a plain TCP socket to another process. Median of --repeats. Two
-   servers run side by side, one with the default fsync before each acknowledgement and one
-   without, and the three variants are interleaved (in a rotating order) in one run, so that
-   machine noise hits them alike. The server's resident memory is read once it has started.
+   `gradguard serve` process (encode, stream while hashing, check, persist, ack: the whole call),
+   vs the same bytes sent over a plain TCP socket to another process, and vs writing them to a
+   file and fsyncing it (the disk's bound on a durable ack). Median of --repeats. Two servers run
+   side by side, one with the default fsync before each acknowledgement and one without, and the
+   four variants are interleaved (in a rotating order) in one run, so that machine noise hits
+   them alike. The server's resident memory is read once it has started.
 2. Crowd: --clients concurrent clients submit to one server with a small model; every update must
    be accepted and the aggregate must equal FedAvg computed in memory (float64). Run with two
    model sizes, the server's peak resident memory is fitted as K x model size + C; K is reported
@@ -87,6 +88,23 @@ def tcp_send(port: int, payload: bytes) -> float:
     return time.perf_counter() - start
 
 
+def disk_write(folder: Path, payload: bytes) -> float:
+    """Write ``payload`` to a new file and fsync it: what a durable acknowledgement cannot beat."""
+    path = folder / "disk-probe.bin"
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return elapsed
+
+
 def memory_kb(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak) of a process, in kB."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
@@ -110,7 +128,7 @@ def measure_throughput(repeats: int, workdir: Path, aggregation: str) -> dict[st
     idle_rss = memory_kb(servers[True][0].pid)["VmRSS"] * 1024
     sink = subprocess.Popen([sys.executable, __file__, "--tcp-sink"], stdout=subprocess.PIPE, text=True)
     port = int(sink.stdout.readline())
-    times: dict[str, list[float]] = {"fsync": [], "no_fsync": [], "tcp": [], "fetch": []}
+    times: dict[str, list[float]] = {"fsync": [], "no_fsync": [], "tcp": [], "disk": [], "fetch": []}
     clients = {fsync: AggregatorClient(address, client_id="bench", token=tokens["bench"])
                for fsync, (_, address) in servers.items()}
 
@@ -124,12 +142,12 @@ def measure_throughput(repeats: int, workdir: Path, aggregation: str) -> dict[st
         return elapsed
 
     variants = {"fsync": lambda r: submit(True, r), "no_fsync": lambda r: submit(False, r),
-                "tcp": lambda r: tcp_send(port, payload)}
+                "tcp": lambda r: tcp_send(port, payload), "disk": lambda r: disk_write(workdir, payload)}
     try:
         tcp_send(port, payload)  # warm the baseline once; round 0 warms the servers
         for round_index in tqdm(range(repeats + 1), desc="45 MB update", unit="round"):
             names = list(variants)
-            names = names[round_index % 3:] + names[:round_index % 3]
+            names = names[round_index % len(names):] + names[:round_index % len(names)]
             measured = {name: variants[name](round_index) for name in names}
             start = time.perf_counter()
             clients[True].fetch_global()
@@ -156,6 +174,8 @@ def measure_throughput(repeats: int, workdir: Path, aggregation: str) -> dict[st
         "throughput_ratio_vs_tcp_without_fsync": median["tcp"] / median["no_fsync"],
         "grpc_submit_mb_s_without_fsync": size / MB / median["no_fsync"],
         "server_start_rss_bytes": idle_rss,
+        "disk_write_fsync_s": median["disk"],
+        "throughput_ratio_vs_tcp_disk_bound": min(1.0, median["tcp"] / median["disk"]),
     }
 
 
@@ -225,6 +245,8 @@ def crowd_round(clients: int, state: dict[str, torch.Tensor], workdir: Path, agg
             thread.start()
         start_lines[0].wait()
         while start_lines[1].n_waiting < clients:  # round 0 is over for every client
+            if errors:  # a client failed: the barrier is broken and the run reports it
+                raise RuntimeError(f"{len(errors)} client(s) failed in round 0, e.g. {errors[0]}")
             time.sleep(0.05)
         time.sleep(0.5)
         idle = memory_kb(server.pid)["VmRSS"] * 1024
@@ -280,7 +302,10 @@ def main() -> None:
         return tcp_sink()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as workdir:
+        load_before = os.getloadavg()
         throughput = measure_throughput(args.repeats, Path(workdir) / "throughput", args.aggregation)
+        # The ratios are only comparable within a run: record how busy the machine was.
+        throughput["load_average_during_throughput"] = [round(x, 2) for x in (*load_before, *os.getloadavg())]
         crowd = measure_crowd(args.clients, tuple(args.widths), Path(workdir) / "crowd", args.aggregation)
     figures = {
         "throughput_ratio_vs_tcp": round(throughput.pop("throughput_ratio_vs_tcp"), 3),
@@ -300,7 +325,12 @@ def main() -> None:
                     "server_idle_rss_bytes": "< 150 MB"},
         "definitions": {
             "throughput_ratio_vs_tcp": "median TCP send time / median AggregatorClient.submit time (encode, "
-                                       "checksum, stream, server checks, fsync, ack) of the same bytes",
+                                       "stream while hashing, server checks, fsync, ack) of the same bytes",
+            "throughput_ratio_vs_tcp_disk_bound": "the best ratio a durable ack allows on this disk: median TCP "
+                                                  "send time / median time to write and fsync the same bytes "
+                                                  "(at most 1)",
+            "load_average_during_throughput": "the 1, 5 and 15 minute load averages before, then after, the "
+                                              "throughput measurement",
             "server_idle_rss_bytes": "the server's RSS with every client connected, before the measured round",
             "server_start_rss_bytes": "the RSS of a server holding the ResNet-18 model, just started",
             "peak_rss_over_model_size": "K in: server peak RSS during a round of all clients = K x model bytes "

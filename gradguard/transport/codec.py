@@ -132,11 +132,11 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def update_header(update: ProtectedUpdate, payload: TensorPayload, *, client_id: str) -> pb.UpdateHeader:
-    """The header that precedes ``payload`` (the update's tensors) on the wire."""
+    """The header that precedes ``payload`` (the update's tensors) on the wire. Its ``sha256`` is
+    left empty: the trailer carries the digest, computed while the payload streams."""
     header = pb.UpdateHeader(
         round=update.round, client_id=client_id, kind=update.kind, num_samples=update.num_samples,
         num_steps=update.num_steps, metadata=update.metadata, total_bytes=payload.total_bytes,
-        sha256=payload.sha256(),
     )
     for name in ("batch_size", "learning_rate", "epsilon", "delta"):
         value = getattr(update, name)
@@ -147,9 +147,15 @@ def update_header(update: ProtectedUpdate, payload: TensorPayload, *, client_id:
 
 def submit_messages(header: pb.UpdateHeader, payload: TensorPayload, *,
                     chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.SubmitUpdateRequest]:
+    """The header, the payload in chunks, then the trailer with the payload's SHA-256. Each chunk
+    is hashed as gRPC asks for it (hashlib releases the GIL), so hashing overlaps the sending
+    instead of delaying the first byte."""
     yield pb.SubmitUpdateRequest(header=header)
+    digest = hashlib.sha256()
     for chunk in payload.chunks(chunk_bytes):
+        digest.update(chunk)
         yield pb.SubmitUpdateRequest(data=chunk)
+    yield pb.SubmitUpdateRequest(trailer=pb.UpdateTrailer(sha256=digest.hexdigest()))
 
 
 def save_update(update: ProtectedUpdate, path: str | Path) -> None:

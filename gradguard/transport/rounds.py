@@ -61,9 +61,13 @@ class RoundStatus:
     submitted: bool
 
 
-def header_digest(header: pb.UpdateHeader) -> str:
-    """Digest of everything an update's header says: a retry must repeat all of it."""
-    return hashlib.sha256(header.SerializeToString(deterministic=True)).hexdigest()
+def header_digest(header: pb.UpdateHeader, sha256: str) -> str:
+    """Digest of everything an update's header says, with the payload's ``sha256`` in it wherever
+    the client sent that (header or trailer): a retry must repeat all of it."""
+    complete = pb.UpdateHeader()
+    complete.CopyFrom(header)
+    complete.sha256 = sha256
+    return hashlib.sha256(complete.SerializeToString(deterministic=True)).hexdigest()
 
 
 class OnePerClient:
@@ -209,25 +213,27 @@ class RoundManager:
                 raise self._wrong_round(round_index)
             return self._state.round, self._state.global_sha256, open(self._store.global_path(self._state), "rb")
 
-    def submit(self, client_id: str, header: pb.UpdateHeader, chunks: Iterable[bytes], *,
+    def submit(self, client_id: str, header: pb.UpdateHeader, chunks: Iterable[bytes],
+               trailer_sha256: Callable[[], str | None] = lambda: None, *,
                waiting: Callable[[], None] = lambda: None) -> Ack:
         """Receive, check and count one update; raises :class:`TransportError` and changes
-        nothing when any check fails. ``waiting`` is called every second spent waiting for one
-        of the ``max_concurrent_updates`` slots (the wait is the server's, not the client's)."""
+        nothing when any check fails. The payload's SHA-256 is the header's, or else what
+        ``trailer_sha256`` returns once ``chunks`` is exhausted. ``waiting`` is called every second
+        spent waiting for one of the ``max_concurrent_updates`` slots (the wait is the server's,
+        not the client's)."""
         check_header(header, client_id=client_id, max_update_bytes=self._config.max_update_bytes,
                      max_num_samples=min(self._config.max_num_samples,
                                          self._max_num_samples.get(client_id, self._config.max_num_samples)),
                      max_metadata_bytes=self._config.max_metadata_bytes)
-        digest = header_digest(header)
-        with self._cond:
-            known = self._known_update(client_id, header, digest)
+        with self._cond:  # a digest in the trailer: only the wrong round is known before the bytes
+            known = self._known_update(client_id, header, header.sha256 or None)
         if known is not None:
             return known
         with self._uploads.hold(client_id):
             while not self._slots.acquire(timeout=1.0):
                 waiting()
             try:
-                return self._receive(client_id, header, digest, chunks)
+                return self._receive(client_id, header, chunks, trailer_sha256)
             finally:
                 self._slots.release()
 
@@ -246,38 +252,42 @@ class RoundManager:
                               f"round {asked} {when}; the open round is {current}: fetch its global model, train on "
                               f"it (guard.begin_round({current})) and submit for round {current}", open_round=current)
 
-    def _known_update(self, client_id: str, header: pb.UpdateHeader, digest: str) -> Ack | None:
+    def _known_update(self, client_id: str, header: pb.UpdateHeader, sha256: str | None) -> Ack | None:
         """The receipt of an update already accepted (a retry), None for a new one of the open
-        round; raises for anything else."""
+        round or, while the payload's ``sha256`` is not known yet, for one that may be a retry;
+        raises for anything else."""
         state = self._state
+        past = state.past.get(client_id)
         if header.round == state.round and not self._finished():
             record = state.accepted.get(client_id)
-            if record is None:
+            if record is None or sha256 is None:
                 return None
-            return self._retry_ack(client_id, record.sha256, record.header_sha256, header, digest,
+            return self._retry_ack(client_id, record.sha256, record.header_sha256, header, sha256,
                                    Ack(state.round, record.sha256, True, len(state.accepted)))
-        past = state.past.get(client_id)
-        if past is not None and past.round == header.round and past.sha256 == header.sha256:
+        if past is not None and past.round == header.round and sha256 is None:
+            return None  # perhaps a retry of the update accepted in that round: the bytes will tell
+        if past is not None and past.round == header.round and past.sha256 == sha256:
             # A retry whose first acknowledgement was lost, arriving after its round closed.
-            return self._retry_ack(client_id, past.sha256, past.header_sha256, header, digest,
+            return self._retry_ack(client_id, past.sha256, past.header_sha256, header, sha256,
                                    Ack(past.round, past.sha256, True, past.accepted_in_round))
         raise self._wrong_round(header.round)
 
-    def _retry_ack(self, client_id: str, sha256: str, accepted_digest: str, header: pb.UpdateHeader,
-                   digest: str, ack: Ack) -> Ack:
-        if sha256 == header.sha256 and accepted_digest == digest:
+    def _retry_ack(self, client_id: str, accepted_sha256: str, accepted_digest: str, header: pb.UpdateHeader,
+                   sha256: str, ack: Ack) -> Ack:
+        if accepted_sha256 == sha256 and accepted_digest == header_digest(header, sha256):
             return ack
-        if sha256 == header.sha256:
+        if accepted_sha256 == sha256:
             raise TransportError(grpc.StatusCode.ALREADY_EXISTS,
                                  f"these bytes were accepted from client {client_id!r} in round {ack.round} with "
                                  "other metadata (num_samples, num_steps, ...); a retry must resend the same header, "
                                  "an accepted update is final")
         raise TransportError(grpc.StatusCode.ALREADY_EXISTS,
                              f"client {client_id!r} already has a different update accepted in round {ack.round} "
-                             f"(sha256 {sha256[:12]}...); an accepted update is final, submit the next one for "
+                             f"(sha256 {accepted_sha256[:12]}...); an accepted update is final, submit the next one for "
                              f"round {ack.round + 1}")
 
-    def _receive(self, client_id: str, header: pb.UpdateHeader, digest: str, chunks: Iterable[bytes]) -> Ack:
+    def _receive(self, client_id: str, header: pb.UpdateHeader, chunks: Iterable[bytes],
+                 trailer_sha256: Callable[[], str | None]) -> Ack:
         """Called without the lock: stream, check and flush the payload, then commit it."""
         with self._cond:
             global_path, global_header = self._store.global_path(self._state), self._global_header
@@ -285,25 +295,26 @@ class RoundManager:
         part = self._store.incoming_path()
         global_fd = os.open(global_path, os.O_RDONLY)
         try:
-            with HashingWriter(part, writeback=self._config.fsync) as writer:
+            with HashingWriter(part, flush_behind=self._config.fsync) as writer:
                 receiver = UpdateReceiver(writer, header=header, spec=self.spec, global_fd=global_fd,
                                           global_header=global_header, global_bounds=global_bounds,
                                           max_metadata_bytes=self._config.max_metadata_bytes,
                                           norm=self._config.max_update_norm is not None)
                 for chunk in chunks:
                     receiver.feed(chunk)
-                sha256, norm = receiver.finish(header.sha256)
+                sha256, norm = receiver.finish(header.sha256 or trailer_sha256())
                 self._check_norm(norm)
                 if self._config.fsync:
                     writer.fsync()
             with self._cond:  # the round may have closed, or a twin call won, meanwhile
                 while self._closing:
                     self._cond.wait()
-                known = self._known_update(client_id, header, digest)
+                known = self._known_update(client_id, header, sha256)
                 if known is not None:
                     return known
                 record = AcceptedUpdate(sha256=sha256, num_samples=header.num_samples, num_steps=header.num_steps,
-                                        nbytes=header.total_bytes, header_sha256=digest, norm=norm)
+                                        nbytes=header.total_bytes, header_sha256=header_digest(header, sha256),
+                                        norm=norm)
                 return self._commit(client_id, record, part)
         finally:
             os.close(global_fd)

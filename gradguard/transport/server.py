@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import Full, Queue
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,6 +34,7 @@ from gradguard.transport.config import AggregatorConfig
 from gradguard.transport.errors import OPEN_ROUND_KEY, TransportError
 from gradguard.transport.rounds import OnePerClient, RoundManager, RoundStatus
 from gradguard.transport.store import StateStore
+from gradguard.transport.validation import check_sha256
 from gradguard.transport.wire import MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:  # the server itself never imports torch
@@ -40,6 +42,7 @@ if TYPE_CHECKING:  # the server itself never imports torch
 
 log = logging.getLogger(__name__)
 _Response = TypeVar("_Response")
+_Message = TypeVar("_Message")
 _MAX_METADATA_BYTES = 8 << 10  # a call's gRPC metadata: ids, token, gRPC's own entries
 
 
@@ -132,13 +135,79 @@ class _Watchdog:
                 call.context.cancel()
 
 
-def _payload(requests: Iterator[pb.SubmitUpdateRequest], watch: _Watch) -> Iterator[bytes]:
-    for message in requests:
-        watch.touch()
-        if message.WhichOneof("payload") != "data":
-            raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
-                                 "only the first SubmitUpdate message may be a header; the rest carry data")
-        yield message.data
+_END = object()  # what the read-ahead thread queues after the last message
+
+
+def _read_ahead(messages: Iterator[_Message], depth: int, on_message: Callable[[], None]) -> Iterator[_Message]:
+    """``messages``, pulled by a helper thread up to ``depth`` ahead of the consumer.
+
+    gRPC lets a client send little beyond the message the server has asked for (the stream
+    window stays at 64 KiB so that queued streams hold little memory), so asking for the next
+    chunk while the consumer writes, hashes and checks the last one overlaps the receiving with
+    that work. ``on_message`` is called as each message arrives.
+    """
+    queue: Queue[tuple[Any, BaseException | None]] = Queue(depth)
+    done = threading.Event()
+
+    def put(item: tuple[Any, BaseException | None]) -> bool:
+        while not done.is_set():  # the consumer may stop early (a refused update)
+            try:
+                queue.put(item, timeout=0.5)
+                return True
+            except Full:
+                continue
+        return False
+
+    def pull() -> None:
+        try:
+            for message in messages:
+                on_message()
+                if not put((message, None)):
+                    return
+        except BaseException as err:  # a cancelled call: raised in the consumer
+            put((_END, err))
+            return
+        put((_END, None))
+
+    threading.Thread(target=pull, name="gradguard-read-ahead", daemon=True).start()
+    try:
+        while True:
+            message, err = queue.get()
+            if message is _END:
+                if err is not None:
+                    raise err
+                return
+            yield message
+    finally:
+        done.set()
+
+
+class _UpdateStream:
+    """The data of a SubmitUpdate stream after its header, read ahead; once the data is read,
+    ``trailer_sha256`` holds the digest its trailer gave (None without a trailer)."""
+
+    _READ_AHEAD = 2  # chunks queued per upload: memory grows with the uploads in flight, not the clients
+
+    def __init__(self, requests: Iterator[pb.SubmitUpdateRequest], watch: _Watch, *, header_sha256: bool) -> None:
+        self._requests = requests
+        self._watch = watch
+        self._header_sha256 = header_sha256
+        self.trailer_sha256: str | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        for message in _read_ahead(self._requests, self._READ_AHEAD, self._watch.touch):
+            kind = message.WhichOneof("payload")
+            if self.trailer_sha256 is not None:
+                raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
+                                     "a SubmitUpdate message came after the UpdateTrailer; the trailer is the last")
+            if kind == "data":
+                yield message.data
+            elif kind == "trailer" and not self._header_sha256:
+                self.trailer_sha256 = check_sha256(message.trailer.sha256, "the trailer's")
+            else:
+                raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
+                                     "after the UpdateHeader a SubmitUpdate stream carries data, then one "
+                                     "UpdateTrailer when the header's sha256 is empty (and none when it is given)")
 
 
 class _Servicer(pb_grpc.AggregatorServicer):
@@ -205,7 +274,9 @@ class _Servicer(pb_grpc.AggregatorServicer):
             if first is None or first.WhichOneof("payload") != "header":
                 raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
                                      "the first SubmitUpdate message must be the UpdateHeader")
-            ack = self._rounds.submit(client_id, first.header, _payload(request_iterator, watch), waiting=watch.touch)
+            stream = _UpdateStream(request_iterator, watch, header_sha256=bool(first.header.sha256))
+            ack = self._rounds.submit(client_id, first.header, stream, lambda: stream.trailer_sha256,
+                                      waiting=watch.touch)
         return pb.SubmitUpdateResponse(round=ack.round, sha256=ack.sha256, duplicate=ack.duplicate,
                                        accepted_in_round=ack.accepted_in_round)
 

@@ -81,8 +81,15 @@ def check_header(header: pb.UpdateHeader, *, client_id: str, max_update_bytes: i
                              f"{max_update_bytes} bytes (AggregatorConfig.max_update_bytes)")
     if header.total_bytes <= 0:
         raise _invalid(f"total_bytes is {header.total_bytes}; the header must give the payload's length")
-    if not _SHA256_HEX.fullmatch(header.sha256):
-        raise _invalid("the header's sha256 is not 64 lowercase hex digits; send hashlib.sha256(payload).hexdigest()")
+    if header.sha256:  # empty: the UpdateTrailer carries it
+        check_sha256(header.sha256, "the header's")
+
+
+def check_sha256(value: str, where: str) -> str:
+    """``value`` if it is a hex SHA-256 digest; ``where`` names the field for the error."""
+    if not _SHA256_HEX.fullmatch(value):
+        raise _invalid(f"{where} sha256 is not 64 lowercase hex digits; send hashlib.sha256(payload).hexdigest()")
+    return value
 
 
 def check_layout(layout: Layout, spec: ModelSpec) -> None:
@@ -160,13 +167,16 @@ class UpdateReceiver:
         else:
             self._consume(memoryview(chunk))
 
-    def finish(self, sha256: str) -> tuple[str, float]:
-        """Checks once the stream ended; returns the payload's SHA-256 and the update's L2 norm
-        (0 unless ``norm`` was asked for)."""
+    def finish(self, sha256: str | None) -> tuple[str, float]:
+        """Checks once the stream ended against the client's ``sha256`` (None: it sent none);
+        returns the payload's SHA-256 and the update's L2 norm (0 unless ``norm`` was asked for)."""
         received = self._writer.written
         if received < self._total:
             raise _invalid(f"the stream ended after {received} of the {self._total} bytes the header announced; "
                            "send the whole payload")
+        if sha256 is None:
+            raise _invalid("the update carries no SHA-256: the header's sha256 is empty and no UpdateTrailer "
+                           "followed the data; send the digest in one of them (AggregatorClient sends the trailer)")
         digest = self._writer.hexdigest()
         if digest != sha256:
             raise TransportError(grpc.StatusCode.DATA_LOSS,

@@ -9,14 +9,13 @@ without gaps or overlaps.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,33 +201,59 @@ def canonical_order(layout: Layout) -> Layout:
     return dict(sorted(layout.items(), key=lambda item: (-ITEM_BYTES[item[1][0]], item[0])))
 
 
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """Linux's sync_file_range(2), which starts writing a range to the disk without waiting."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return function
+# A file written with flush_behind is fdatasynced each time this much more has been written.
+FLUSH_BEHIND_BYTES = 8 << 20
 
 
-_START_WRITEBACK = _sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
+class _Flusher:
+    """A thread that fdatasyncs an open file whenever asked, so that the disk persists a file
+    while it is still being written. On a virtual disk the flush, not the write, is the slow part
+    (about 0.07 s for 45 MB): flushing behind the writer leaves the final fsync a few MiB."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._asked = threading.Event()
+        self._stopping = False
+        self.error: OSError | None = None  # raised by the writer's fsync
+        self._thread = threading.Thread(target=self._run, name="gradguard-flush-behind", daemon=True)
+        self._thread.start()
+
+    def ask(self) -> None:
+        self._asked.set()
+
+    def stop(self) -> None:
+        """Wait for the flush in progress, if any; the file may then be closed."""
+        self._stopping = True
+        self._asked.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self._asked.wait()
+            self._asked.clear()
+            if self._stopping:
+                return
+            try:
+                os.fdatasync(self._fd)
+            except OSError as err:
+                self.error = err
+                return
 
 
 class HashingWriter:
     """A file opened for writing (mode 0600) that hashes what it writes.
 
-    With ``writeback``, each write is handed to the disk at once (without waiting), so that the
-    final :meth:`fsync` finds little left to flush: the flush overlaps the receiving.
+    With ``flush_behind``, a helper thread flushes the file to the disk every
+    :data:`FLUSH_BEHIND_BYTES` while it is written, so that the final :meth:`fsync` finds little
+    left: the flushing overlaps the receiving.
     """
 
-    def __init__(self, path: Path, *, writeback: bool = False) -> None:
+    def __init__(self, path: Path, *, flush_behind: bool = False) -> None:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         self._digest = hashlib.sha256()
-        self._start_writeback = _START_WRITEBACK if writeback else None
+        self._flusher = _Flusher(self._fd) if flush_behind else None
+        self._unflushed = 0
         self.written = 0
 
     def write(self, data: bytes | memoryview) -> None:
@@ -236,11 +261,17 @@ class HashingWriter:
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
-        if self._start_writeback is not None:
-            self._start_writeback(self._fd, self.written, len(data), _SYNC_FILE_RANGE_WRITE)
         self.written += len(data)
+        self._unflushed += len(data)
+        if self._flusher is not None and self._unflushed >= FLUSH_BEHIND_BYTES:
+            self._flusher.ask()
+            self._unflushed = 0
 
     def fsync(self) -> None:
+        """Flush the file to the disk; raises what a flush behind the writer met, if anything."""
+        flusher = self._stop_flusher()
+        if flusher is not None and flusher.error is not None:
+            raise flusher.error
         os.fsync(self._fd)
 
     def hexdigest(self) -> str:
@@ -248,9 +279,16 @@ class HashingWriter:
         return self._digest.hexdigest()
 
     def close(self) -> None:
+        self._stop_flusher()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def _stop_flusher(self) -> _Flusher | None:
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.stop()
+        return flusher
 
     def __enter__(self) -> "HashingWriter":
         return self

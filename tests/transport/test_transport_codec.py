@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,9 @@ import torch
 import gradguard.transport._generated.v1 as generated
 from gradguard.transport.codec import (TensorPayload, decode_tensors, encode_tensors, iter_tensors, load_update,
                                        save_update, write_tensors)
-from gradguard.transport.wire import MalformedSafetensors, file_sha256, from_float64, read_header, to_float64
+from gradguard.transport import wire
+from gradguard.transport.wire import (FLUSH_BEHIND_BYTES, HashingWriter, MalformedSafetensors, file_sha256, from_float64,
+                                      read_header, to_float64)
 from gradguard.update import ProtectedUpdate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,3 +104,36 @@ def test_saved_update_round_trips_with_its_metadata(tmp_path):
     write_tensors(tmp_path / "plain.safetensors", update.tensors)
     with pytest.raises(ValueError, match="save_update"):
         load_update(tmp_path / "plain.safetensors")
+
+
+def _flushers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "gradguard-flush-behind"]
+
+
+def test_a_file_flushed_behind_its_writer_holds_what_was_written(tmp_path, monkeypatch):
+    flushed = threading.Event()
+    monkeypatch.setattr(wire.os, "fdatasync", lambda fd: (os.fsync(fd), flushed.set()))
+    block = os.urandom(1 << 20)
+    with HashingWriter(tmp_path / "u.part", flush_behind=True) as writer:
+        for _ in range(2 * FLUSH_BEHIND_BYTES // len(block) + 1):
+            writer.write(block)
+        assert flushed.wait(30), "the file is flushed while it is written"
+        writer.fsync()
+        assert writer.hexdigest() == file_sha256(tmp_path / "u.part")
+    assert (tmp_path / "u.part").stat().st_size == writer.written and not _flushers()
+
+
+def test_a_failed_flush_behind_the_writer_fails_the_fsync(tmp_path, monkeypatch):
+    tried = threading.Event()
+
+    def broken(fd):
+        tried.set()
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(wire.os, "fdatasync", broken)
+    writer = HashingWriter(tmp_path / "u.part", flush_behind=True)
+    writer.write(b"x" * FLUSH_BEHIND_BYTES)
+    assert tried.wait(30)  # the flush behind the writer ran (and failed)
+    with pytest.raises(OSError, match="Input/output error"):
+        writer.fsync()
+    writer.close()
+    assert not _flushers()

@@ -33,16 +33,35 @@ def _send(server, tokens, tensors=None, *, payload=None, client_id="c1", token=N
     if tensors is not None:
         update.tensors = tensors
     header = update_header(update, TensorPayload(update.tensors), client_id="c1")
-    if payload is not None:  # raw bytes under an otherwise honest header
-        header.total_bytes, header.sha256 = len(payload), hashlib.sha256(payload).hexdigest()
-    else:
+    if payload is None:
         payload = encode_tensors(update.tensors)
+    # The digest in the header, as clients before the UpdateTrailer send it (raw bytes get an
+    # otherwise honest header).
+    header.total_bytes, header.sha256 = len(payload), hashlib.sha256(payload).hexdigest()
     for name, value in header_fields.items():
         if name == "metadata":
             header.metadata.update(value)
         else:
             setattr(header, name, value)
     return raw_submit(server.address, client_id, token or tokens[client_id], header, payload)
+
+
+def _send_with_trailer(server, tokens, *tail, header_sha256=""):
+    """Submit the good update as clients do (its digest in a trailer), then ``tail`` messages
+    (the trailers, or whatever follows the data) in place of the honest trailer."""
+    update = make_update(STATE, seed=1, num_samples=2)
+    payload = TensorPayload(update.tensors)
+    header = update_header(update, payload, client_id="c1")
+    header.sha256 = header_sha256
+    messages = [pb.SubmitUpdateRequest(header=header)] + [pb.SubmitUpdateRequest(data=c) for c in payload.chunks()]
+    return _stub_submit(server, messages + list(tail), metadata=call_metadata("c1", tokens["c1"]))
+
+
+def _trailer(sha256):
+    return pb.SubmitUpdateRequest(trailer=pb.UpdateTrailer(sha256=sha256))
+
+
+_GOOD_SHA256 = hashlib.sha256(encode_tensors(make_update(STATE, seed=1, num_samples=2).tensors)).hexdigest()
 
 
 def _stub_submit(server, messages, *, metadata):
@@ -133,6 +152,22 @@ CASES = {
                               grpc.StatusCode.INVALID_ARGUMENT, "the header's metadata is"),
     "overlapping_offsets": (lambda s, t: _send(s, t, payload=_overlapping()),
                             grpc.StatusCode.INVALID_ARGUMENT, "without gaps or overlaps"),
+    "trailer_checksum_mismatch": (lambda s, t: _send_with_trailer(s, t, _trailer("0" * 64)),
+                                  grpc.StatusCode.DATA_LOSS, "the payload's SHA-256 is"),
+    "no_checksum_anywhere": (lambda s, t: _send_with_trailer(s, t),
+                             grpc.StatusCode.INVALID_ARGUMENT, "the update carries no SHA-256"),
+    "malformed_trailer": (lambda s, t: _send_with_trailer(s, t, _trailer("not hex")),
+                          grpc.StatusCode.INVALID_ARGUMENT, "the trailer's sha256 is not 64 lowercase hex digits"),
+    "data_after_trailer": (lambda s, t: _send_with_trailer(s, t, _trailer(_GOOD_SHA256),
+                                                          pb.SubmitUpdateRequest(data=b"x")),
+                           grpc.StatusCode.INVALID_ARGUMENT, "came after the UpdateTrailer"),
+    "two_trailers": (lambda s, t: _send_with_trailer(s, t, _trailer(_GOOD_SHA256), _trailer(_GOOD_SHA256)),
+                     grpc.StatusCode.INVALID_ARGUMENT, "came after the UpdateTrailer"),
+    "trailer_and_header_checksum": (lambda s, t: _send_with_trailer(s, t, _trailer(_GOOD_SHA256),
+                                                                   header_sha256=_GOOD_SHA256),
+                                    grpc.StatusCode.INVALID_ARGUMENT, "and none when it is given"),
+    "second_header": (lambda s, t: _send_with_trailer(s, t, pb.SubmitUpdateRequest(header=pb.UpdateHeader())),
+                      grpc.StatusCode.INVALID_ARGUMENT, "after the UpdateHeader a SubmitUpdate stream carries data"),
     "data_before_header": (lambda s, t: _stub_submit(s, [pb.SubmitUpdateRequest(data=b"x")],
                                                      metadata=call_metadata("c1", t["c1"])),
                            grpc.StatusCode.INVALID_ARGUMENT, "first SubmitUpdate message must be the UpdateHeader"),
@@ -251,3 +286,17 @@ def test_a_bulky_safetensors_metadata_block_is_refused_from_its_first_bytes(star
     assert "plus at most 65536 of metadata" in refused.value.details()
     assert state_dir_snapshot(tmp_path / "state") == before
     assert not connect(server, "c1").submit(make_update(STATE, seed=1, num_samples=2)).duplicate
+
+
+def test_a_digest_in_the_header_or_in_the_trailer_is_the_same_update(start_server, connect, tokens, tmp_path):
+    """Clients before the UpdateTrailer send the digest in the header: the server takes both, and a
+    retry in the other form is recognised as the update already accepted."""
+    server = start_server(STATE, clients=tokens, min_clients=2, round_deadline_s=None)
+    first = _send(server, tokens)  # the digest in the header
+    before = state_dir_snapshot(tmp_path / "state")
+    again = connect(server, "c1").submit(make_update(STATE, seed=1, num_samples=2))  # in the trailer
+    assert (first.duplicate, again.duplicate) == (False, True) and again.sha256 == first.sha256
+    assert state_dir_snapshot(tmp_path / "state") == before
+    with pytest.raises(grpc.RpcError) as other_weight:
+        _send(server, tokens, num_samples=3)
+    assert other_weight.value.code() == grpc.StatusCode.ALREADY_EXISTS

@@ -74,7 +74,7 @@ class AggregatorServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def SubmitUpdate(self, request_iterator, context):
-        """Streams a protected update: one header, then its safetensors bytes in chunks.
+        """Streams a protected update: one header, its safetensors bytes in chunks, then one trailer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
