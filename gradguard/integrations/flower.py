@@ -184,7 +184,7 @@ def protected_arrays(update: ProtectedUpdate, sent: ArrayRecord, names: Sequence
         if len(keys) != len(names):
             raise KeyError(f"the server sent {len(keys)} arrays, the model has {len(names)} state-dict entries; "
                            "send the model's full state_dict")
-        by_key = dict(zip(keys, names))
+        by_key = dict(zip(keys, names, strict=True))
     else:
         by_key = {key: key for key in keys}
     unknown = sorted(set(update.tensors) - set(by_key.values()))
@@ -230,12 +230,20 @@ def current_guard() -> GradGuard:
     return guard
 
 
+def _stored_state(stored: ConfigRecord | None) -> bytes | None:
+    state = None if stored is None else stored.get("state")
+    if state is not None and not isinstance(state, bytes):
+        raise TypeError(f"Context.state[{STATE_KEY!r}]['state'] holds {type(state).__name__}, not the guard's "
+                        "safetensors bytes; another component wrote that record: give it another name")
+    return state
+
+
 def _server_round(msg: Message) -> int:
     # Message-API strategies put "server-round" in the config; Flower's legacy workflows (SecAgg+)
     # send the round as the message's group id.
     for record in msg.content.config_records.values():
         if "server-round" in record:
-            return int(record["server-round"])
+            return int(str(record["server-round"]))
     if msg.metadata.group_id.isdigit():
         return int(msg.metadata.group_id)
     raise ValueError("the train message names no round (no 'server-round' config, no numeric group id)")
@@ -272,16 +280,16 @@ def gradguard_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> 
         # The noise seed is the node's: fixed by its operator, or a secret drawn once, since noise
         # that the server could regenerate would hide nothing.
         if NODE_SEED_KEY in ctxt.node_config:
-            seed = int(ctxt.node_config[NODE_SEED_KEY])
+            seed = int(str(ctxt.node_config[NODE_SEED_KEY]))
         else:
-            seed = int(stored["seed"]) if stored is not None else secrets.randbits(31)
+            seed = int(str(stored["seed"])) if stored is not None else secrets.randbits(31)
         settings = guard_config(ctxt.run_config).with_(seed=seed)
         _check_flower_config(settings)
     except (ValueError, ConfigError) as err:
         return _failed(msg, str(err))
     guard = _new_guard(settings, client_id=node_client_id(ctxt),
                        round=server_round - 1,  # Flower counts rounds from 1, GradGuard's schedules from 0
-                       state=stored["state"] if stored is not None else None)
+                       state=_stored_state(stored))
     token = _ACTIVE.set(guard)
     try:
         reply = call_next(msg, ctxt)
@@ -296,7 +304,7 @@ def gradguard_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> 
     finally:
         _ACTIVE.reset(token)
         guard.cleanup()
-    ctxt.state[STATE_KEY] = ConfigRecord({"seed": settings.seed, "state": _save_guard(guard)})
+    ctxt.state[STATE_KEY] = ConfigRecord({"seed": seed, "state": _save_guard(guard)})
     content = reply.content
     try:
         array_key = next(iter(content.array_records)) if len(content.array_records) == 1 else None
@@ -341,9 +349,10 @@ def update_problem(reply: RecordDict, sent: ArrayRecord, *, require_protected: b
                     f"{want.dtype}{list(want.shape)}; the update must come from the same architecture")
         if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
             return f"array {name!r} has NaN or infinite values (lower the learning rate or clip gradients)"
-    if require_protected and reply.config_records.get(REPLY_KEY, {}).get("defense") != "gradguard":
-        return ("it is not a GradGuard-protected update (no 'gradguard' ConfigRecord); build the ClientApp with "
-                "gradguard.integrations.flower.guarded_client_app")
+    marker = reply.config_records.get(REPLY_KEY)
+    if require_protected and (marker is None or marker.get("defense") != "gradguard"):
+        return ("it is not a GradGuard-protected update (no 'gradguard' ConfigRecord); register the train handler "
+                "with @app.train(mods=[gradguard_mod])")
     return None
 
 

@@ -63,7 +63,7 @@ def train(msg: Message, context: Context) -> Message:
     optimizer = torch.optim.Adam(model.parameters(), lr=float(run["lr"]))
     guard = None if run["defense"] == "none" else current_guard()
     if guard is not None:
-        model, optimizer = guard.wrap(model, optimizer)
+        model, optimizer = guard.wrap(model, optimizer, dataset_size=len(labels))
     # FedAvg sends the round in its config, SecAgg+'s workflow as the message's group id.
     server_round = int(next((r["server-round"] for r in msg.content.config_records.values() if "server-round" in r),
                             msg.metadata.group_id or 0))
