@@ -92,7 +92,9 @@ def test_example_trains_above_the_majority_class_with_gradguard_noise(superlink,
 @pytest.mark.slow
 def test_example_with_secagg_plus_gives_the_server_only_the_sum(superlink, tmp_path):
     result = _flwr_run(superlink, tmp_path, "secagg=true")
-    assert result["results-per-aggregation"] == [1, 1, 1]  # one unmasked sum per round, not 3 updates
+    # Every round the strategy got the 3 clients' results, all holding one and the same model: the
+    # unmasked sum. The clients' own replies carried only masked vectors.
+    assert result["aggregations"] == [{"results": 3, "distinct-models": 1}] * 3
     assert result["test"][-1]["test-acc"] > MAJORITY + 0.05, result["test"]
 
 

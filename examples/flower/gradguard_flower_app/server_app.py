@@ -29,16 +29,18 @@ app = ServerApp()
 
 
 class SumOnlyFedAvg(LegacyFedAvg):
-    """Legacy FedAvg that records how many results each aggregation saw: under SecAgg+ it is
-    one, the unmasked sum, whatever the number of clients."""
+    """Legacy FedAvg that records, per aggregation, how many results it got and how many distinct
+    models they carry. Under SecAgg+ the workflow hands it one result per client, each holding the
+    same unmasked sum: one distinct model, whatever the number of clients."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.results_seen: list[int] = []
+        self.seen: list[dict[str, int]] = []
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
-        self.results_seen.append(len(results))
+        distinct = {b"".join(fitres.parameters.tensors) for _, fitres in results}
+        self.seen.append({"results": len(results), "distinct-models": len(distinct)})
         return super().aggregate_fit(server_round, results, failures)
 
 
@@ -68,7 +70,7 @@ def main(grid: Grid, context: Context) -> None:
         # Every client shares keys with all others and any 2 of them can rebuild a dropped one's mask.
         workflow = SecAggPlusWorkflow(num_shares=nodes, reconstruction_threshold=2)
         DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
-        history["results-per-aggregation"] = strategy.results_seen
+        history["aggregations"] = strategy.seen
     else:
         guarded = GradGuardStrategy(
             FedAvg(fraction_train=1.0, fraction_evaluate=float(run["fraction-evaluate"]), min_train_nodes=nodes,
