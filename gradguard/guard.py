@@ -521,6 +521,16 @@ class GradGuard:
             self._accountant = new_accountant(self.config.dp.accountant)
             self._accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["accountant.history"].tolist()]
 
+    @property
+    def model(self) -> nn.Module | None:
+        """The model ``wrap`` installed the guard on (None before ``wrap``)."""
+        return self._model
+
+    @property
+    def noise_amplitude(self) -> float:
+        """This round's scheduled noise amplitude w_t, before the batch and update scaling."""
+        return self._schedules()[0]
+
     # ------------------------------------------------------------------ the update
     def protected_update(self) -> ProtectedUpdate:
         """The update to share for this round; ends the round (the next forward starts a new one)."""

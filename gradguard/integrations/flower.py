@@ -1,24 +1,31 @@
-"""GradGuard on Flower: a ClientApp that shares only protected updates, and checks on updates.
+"""GradGuard on Flower: a client mod that trains a handler under GradGuard, and checks on updates.
 
-Flower (``pip install "gradguard[flower]"``; written against flwr 1.41's Message API) runs
-federations beyond one machine. Three pieces plug GradGuard into it::
+Flower (``pip install "gradguard[flower]"``; written against flwr 1.42's Message API) runs
+federations beyond one machine. GradGuard plugs into a ClientApp as a mod, the way Flower's
+``fixedclipping_mod`` and ``secaggplus_mod`` do::
 
-    # client_app.py: the user's unchanged loop runs on the wrapped model
-    app = guarded_client_app(train, model_fn=build_model, optimizer_fn=build_optimizer,
-                             mods=[gradguard_mod])
+    app = ClientApp()
+
+    @app.train(mods=[gradguard_mod])
+    def train(msg: Message, context: Context) -> Message:
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model, optimizer = current_guard().wrap(model, optimizer)
+        ...  # the ordinary loop
+        return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                                   "metrics": MetricRecord({"num-examples": n})}), reply_to=msg)
+
     # server_app.py: any Flower strategy, wrapped
-    strategy = GradGuardStrategy(FedAvg(fraction_evaluate=0.0))
+    strategy = GradGuardStrategy(FedAvg(fraction_evaluate=1.0))
 
-- :func:`guarded_client_app` builds a ``flwr.clientapp.ClientApp`` whose ``@app.train()``
-  handler loads the global ``ArrayRecord``, wraps the model with :class:`~gradguard.GradGuard`,
-  runs the user's training function and replies with ``global + protected delta``: Flower's
-  strategies (FedAvg averages weights) and mods (``fixedclipping_mod`` clips ``reply - sent``)
-  expect model weights, so the FedAvg step is the same as our aggregator's ``global + mean delta``.
-- :func:`gradguard_mod` is a client mod in the style of ``fixedclipping_mod``: a train reply
-  leaves the node only if it is a well-formed GradGuard update of the model it was sent.
+- :func:`gradguard_mod` restores the node's guard, lends it to the handler as
+  :func:`current_guard`, and replaces the reply's arrays by ``global + protected delta``:
+  Flower's strategies (FedAvg averages weights) and mods (``fixedclipping_mod`` clips
+  ``reply - sent``, ``secaggplus_mod`` masks the reply) expect model weights.
 - :class:`GradGuardStrategy` wraps a strategy the way Flower's DP wrappers do
-  (``DifferentialPrivacyServerSideFixedClipping(strategy, ...)``) and drops, with a logged
-  reason, every reply that is malformed or not GradGuard-protected before aggregation.
+  (``DifferentialPrivacyServerSideFixedClipping(strategy, ...)``), drops, with a logged reason,
+  every reply that is malformed or not GradGuard-protected before aggregation, and keeps every
+  client's train and evaluate metrics per round (:attr:`GradGuardStrategy.client_metrics`).
+- :func:`guarded_round` is the mod's training step without Flower.
 
 A guard's masks and shadow persist across rounds in ``Context.state``, which Flower keeps on
 the node ("never leave the system it's running from", ``flwr.app.Context``): in the deployment
@@ -29,6 +36,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, fields
 from logging import ERROR, INFO, WARNING
 from typing import Any
@@ -37,8 +45,7 @@ import numpy as np
 import safetensors.torch
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -63,13 +70,6 @@ _CONFIG_PREFIX = "gradguard."
 TrainStep = Callable[[nn.Module, torch.optim.Optimizer, GradGuard], Mapping[str, float] | None]
 """``train(model, optimizer, guard) -> metrics``: one round of the user's local loop on the
 wrapped pair. ``guard`` is there for optional calls such as ``guard.set_sample_ids``."""
-TrainFn = Callable[[nn.Module, torch.optim.Optimizer, GradGuard, Context], Mapping[str, float] | None]
-"""A :data:`TrainStep` that also gets the node's Flower ``Context`` (its data partition, run config)."""
-ModelFn = Callable[[Context], nn.Module]
-"""Builds the model's architecture on the node's device; the global weights are loaded into it."""
-OptimizerFn = Callable[[nn.Module, Context], torch.optim.Optimizer]
-
-
 def guard_config(run_config: Mapping[str, Any], *, base: GuardConfig | None = None) -> GuardConfig:
     """The run's GuardConfig: ``base`` (default: ``GuardConfig()``) changed by the run config.
 
@@ -129,18 +129,17 @@ class GuardedRound:
     metrics: dict[str, float]
 
 
-def guarded_round(model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainStep, *, config: GuardConfig,
-                  client_id: str, round: int, state: bytes | None = None,
-                  dataset_size: int | None = None) -> GuardedRound:
-    """Train ``model`` (holding the global weights) for one round under GradGuard.
+def _new_guard(config: GuardConfig, *, client_id: str, round: int, state: bytes | None) -> GradGuard:
+    # Fresh noise per client and round; no seed means the guard draws a secret one.
+    seed = None if config.seed is None else derive_seed(config.seed, client_id, round)
+    guard = GradGuard(config.with_(seed=seed), client_id=client_id)
+    if state is not None:
+        _restore_guard(guard, state)
+    guard.begin_round(round)
+    return guard
 
-    This is the ClientApp's training step without Flower around it (the equality test runs it
-    over our own gRPC aggregator). ``state`` is the previous round's :attr:`GuardedRound.state`
-    (None in a client's first round): masks and shadow carry over, the noise seed is derived
-    from ``config.seed``, ``client_id`` and ``round`` so every client and round draws fresh,
-    reproducible noise. ``dataset_size``, the images the round trains on, is needed by
-    ``config.update_exponent``.
-    """
+
+def _check_flower_config(config: GuardConfig) -> None:
     if config.update_kind != "delta":
         raise ValueError("Flower strategies average model weights, so a Flower client shares weight deltas; "
                          "use GuardConfig(update_kind='delta')")
@@ -150,12 +149,21 @@ def guarded_round(model: nn.Module, optimizer: torch.optim.Optimizer, train: Tra
                          "(epsilon, delta) guarantee on the update "
                          "add Flower's DifferentialPrivacyClientSideFixedClipping + fixedclipping_mod, or set "
                          "dp_noise_multiplier=None")
-    # Fresh noise per client and round; no seed means the guard draws a secret one.
-    seed = None if config.seed is None else derive_seed(config.seed, client_id, round)
-    guard = GradGuard(config.with_(seed=seed), client_id=client_id)
-    if state is not None:
-        _restore_guard(guard, state)
-    guard.begin_round(round)
+
+
+def guarded_round(model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainStep, *, config: GuardConfig,
+                  client_id: str, round: int, state: bytes | None = None,
+                  dataset_size: int | None = None) -> GuardedRound:
+    """Train ``model`` (holding the global weights) for one round under GradGuard.
+
+    This is what :func:`gradguard_mod` does around a train handler, without Flower around it.
+    ``state`` is the previous round's :attr:`GuardedRound.state` (None in a client's first
+    round): masks and shadow carry over, the noise seed is derived from ``config.seed``,
+    ``client_id`` and ``round`` so every client and round draws fresh, reproducible noise.
+    ``dataset_size``, the images the round trains on, is needed by ``config.update_exponent``.
+    """
+    _check_flower_config(config)
+    guard = _new_guard(config, client_id=client_id, round=round, state=state)
     train_model, train_optimizer = guard.wrap(model, optimizer, dataset_size=dataset_size)
     try:
         metrics = train(train_model, train_optimizer, guard) or {}
@@ -165,17 +173,28 @@ def guarded_round(model: nn.Module, optimizer: torch.optim.Optimizer, train: Tra
     return GuardedRound(update=update, state=_save_guard(guard), metrics={k: float(v) for k, v in metrics.items()})
 
 
-def protected_arrays(update: ProtectedUpdate, sent: ArrayRecord) -> ArrayRecord:
+def protected_arrays(update: ProtectedUpdate, sent: ArrayRecord, names: Sequence[str] | None = None) -> ArrayRecord:
     """``sent + delta`` for every array the update carries, ``sent`` for the others (integer
-    buffers such as BatchNorm's step count), in ``sent``'s order and dtypes."""
-    unknown = sorted(set(update.tensors) - set(sent.keys()))
+    buffers such as BatchNorm's step count), in ``sent``'s order and dtypes.
+
+    ``names`` are the model's state-dict names in order, for a ``sent`` record whose keys are
+    positions ("0", "1", ...: Flower's legacy ``Parameters``, which SecAgg+ uses)."""
+    keys = list(sent.keys())
+    if names is not None and keys != list(names):
+        if len(keys) != len(names):
+            raise KeyError(f"the server sent {len(keys)} arrays, the model has {len(names)} state-dict entries; "
+                           "send the model's full state_dict")
+        by_key = dict(zip(keys, names, strict=True))
+    else:
+        by_key = {key: key for key in keys}
+    unknown = sorted(set(update.tensors) - set(by_key.values()))
     if unknown:
         raise KeyError(f"the update carries tensors the server did not send: {unknown[:5]}")
     out = ArrayRecord()
-    for name, array in sent.items():
+    for key, array in sent.items():
         value = array.numpy()
-        delta = update.tensors.get(name)
-        out[name] = Array(value if delta is None else value + delta.numpy().astype(value.dtype, copy=False))
+        delta = update.tensors.get(by_key[key])
+        out[key] = Array(value if delta is None else value + delta.numpy().astype(value.dtype, copy=False))
     return out
 
 
@@ -195,57 +214,119 @@ def _single_arrays(content: RecordDict) -> ArrayRecord:
     return records[0]
 
 
-def guarded_client_app(train_fn: TrainFn, *, model_fn: ModelFn, optimizer_fn: OptimizerFn,
-                       config: GuardConfig | None = None, mods: Sequence[Mod] = (),
-                       dataset_size_fn: Callable[[Context], int] | None = None) -> ClientApp:
-    """A ClientApp whose train handler runs ``train_fn`` on a GradGuard-wrapped model.
+_ACTIVE: ContextVar[GradGuard | None] = ContextVar("gradguard_active_guard", default=None)
 
-    Per train message: ``model_fn(context)`` builds the model, the global weights are loaded
-    (strictly), ``optimizer_fn(model, context)`` builds the optimizer, then
-    :func:`guarded_round` runs ``train_fn(model, optimizer, guard, context)``. The reply holds
-    the protected weights under the key the server used, a MetricRecord with
-    ``num-examples`` (distinct samples trained on, FedAvg's weight) and ``train_fn``'s metrics,
-    and a ``gradguard`` ConfigRecord describing the update (settings without the seed).
-    ``config`` is the base of :func:`guard_config` (the run config can change it). The noise
-    seed is the node's secret, drawn once and kept in ``Context.state``, unless the SuperNode
-    was started with ``--node-config 'gradguard-seed=<int>'`` (reproducible experiments only:
-    whoever knows the seed can redraw the noise). Register evaluation on the returned
-    app with ``@app.evaluate()`` as usual; ``mods`` apply to every handler, e.g.
-    ``[gradguard_mod, fixedclipping_mod]`` (the first is the outermost). ``dataset_size_fn(context)``
-    gives the number of images a round trains on, for ``update_exponent``.
+
+def current_guard() -> GradGuard:
+    """The guard of the train message being handled, inside a handler registered with
+    ``@app.train(mods=[gradguard_mod])``: wrap the model and optimizer with it, as without Flower::
+
+        model, optimizer = current_guard().wrap(model, optimizer)
     """
-    app = ClientApp(mods=list(mods))
+    guard = _ACTIVE.get()
+    if guard is None:
+        raise RuntimeError("no GradGuard for this message: register the train handler with "
+                           "@app.train(mods=[gradguard_mod]) and call current_guard() inside it")
+    return guard
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+
+def _stored_state(stored: ConfigRecord | None) -> bytes | None:
+    state = None if stored is None else stored.get("state")
+    if state is not None and not isinstance(state, bytes):
+        raise TypeError(f"Context.state[{STATE_KEY!r}]['state'] holds {type(state).__name__}, not the guard's "
+                        "safetensors bytes; another component wrote that record: give it another name")
+    return state
+
+
+def _server_round(msg: Message) -> int:
+    # Message-API strategies put "server-round" in the config; Flower's legacy workflows (SecAgg+)
+    # send the round as the message's group id.
+    for record in msg.content.config_records.values():
+        if "server-round" in record:
+            return int(str(record["server-round"]))
+    if msg.metadata.group_id.isdigit():
+        return int(msg.metadata.group_id)
+    raise ValueError("the train message names no round (no 'server-round' config, no numeric group id)")
+
+
+def _failed(msg: Message, reason: str) -> Message:
+    log(ERROR, "gradguard_mod: %s", reason)
+    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=f"gradguard_mod: {reason}"), reply_to=msg)
+
+
+def gradguard_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Client mod that runs a train handler under GradGuard: ``@app.train(mods=[gradguard_mod])``.
+
+    Per train message it restores the node's guard from ``Context.state`` (masks, shadow,
+    secret seed), makes it :func:`current_guard` for the handler, which trains on
+    ``current_guard().wrap(model, optimizer)``, and then replaces the reply's arrays by
+    ``sent + protected delta``: what leaves the node is GradGuard's update, whatever the
+    handler put there. The reply's MetricRecord gets ``num-examples`` (if the handler set
+    none), ``gradguard-noise-amplitude`` (this round's w_t) and ``gradguard-steps``; a
+    ``gradguard`` ConfigRecord describes the update (settings without the seed). Settings
+    come from the run config (:func:`guard_config`). The noise seed is the node's secret,
+    unless the SuperNode was started with ``--node-config 'gradguard-seed=<int>'``
+    (reproducible experiments only). A reply that is malformed or non-finite, or a handler
+    that never trained through the guard, becomes an error reply that says why. Messages
+    other than train pass through. With SecAgg+, list ``secaggplus_mod`` first so that it
+    masks the protected update.
+    """
+    if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
+        return call_next(msg, ctxt)
+    try:
         sent = _single_arrays(msg.content)
-        model = model_fn(context)
-        model.load_state_dict(sent.to_torch_state_dict())
-        optimizer = optimizer_fn(model, context)
-        server_round = int(next(iter(msg.content.config_records.values()), {}).get("server-round", 1))
-        stored = context.state.config_records.get(STATE_KEY)
+        server_round = _server_round(msg)
+        stored = ctxt.state.config_records.get(STATE_KEY)
         # The noise seed is the node's: fixed by its operator, or a secret drawn once, since noise
         # that the server could regenerate would hide nothing.
-        if NODE_SEED_KEY in context.node_config:
-            seed = int(context.node_config[NODE_SEED_KEY])
+        if NODE_SEED_KEY in ctxt.node_config:
+            seed = int(str(ctxt.node_config[NODE_SEED_KEY]))
         else:
-            seed = int(stored["seed"]) if stored is not None else secrets.randbits(31)
-        settings = guard_config(context.run_config, base=config).with_(seed=seed)
-        result = guarded_round(
-            model, optimizer, lambda m, o, g: train_fn(m, o, g, context), config=settings,
-            client_id=node_client_id(context),
-            round=server_round - 1,  # Flower counts rounds from 1, GradGuard's schedules from 0
-            state=stored["state"] if stored is not None else None,
-            dataset_size=dataset_size_fn(context) if dataset_size_fn is not None else None)
-        context.state[STATE_KEY] = ConfigRecord({"seed": settings.seed, "state": result.state})
-        array_key = next(iter(msg.content.array_records))
-        return Message(RecordDict({
-            array_key: protected_arrays(result.update, sent),
-            "metrics": MetricRecord({**result.metrics, WEIGHT_KEY: result.update.num_samples}),
-            REPLY_KEY: _update_record(result.update),
-        }), reply_to=msg)
-
-    return app
+            seed = int(str(stored["seed"])) if stored is not None else secrets.randbits(31)
+        settings = guard_config(ctxt.run_config).with_(seed=seed)
+        _check_flower_config(settings)
+    except (ValueError, ConfigError) as err:
+        return _failed(msg, str(err))
+    guard = _new_guard(settings, client_id=node_client_id(ctxt),
+                       round=server_round - 1,  # Flower counts rounds from 1, GradGuard's schedules from 0
+                       state=_stored_state(stored))
+    token = _ACTIVE.set(guard)
+    try:
+        reply = call_next(msg, ctxt)
+        if reply.has_error():
+            return reply
+        amplitude, model = guard.noise_amplitude, guard.model
+        try:
+            update = guard.protected_update()
+        except RuntimeError as err:
+            return _failed(msg, f"the train handler did not train through the guard ({err}); wrap with "
+                                "model, optimizer = current_guard().wrap(model, optimizer)")
+    finally:
+        _ACTIVE.reset(token)
+        guard.cleanup()
+    ctxt.state[STATE_KEY] = ConfigRecord({"seed": seed, "state": _save_guard(guard)})
+    content = reply.content
+    try:
+        array_key = next(iter(content.array_records)) if len(content.array_records) == 1 else None
+        if array_key is None:
+            raise ValueError(f"the reply carries {len(content.array_records)} ArrayRecords; reply with one, "
+                             "the trained model")
+        assert model is not None  # protected_update succeeded, so the handler wrapped a model
+        content[array_key] = protected_arrays(update, sent, names=list(model.state_dict()))
+    except (KeyError, ValueError) as err:
+        return _failed(msg, f"withheld the update: {err}")
+    problem = update_problem(content, sent, require_protected=False)
+    if problem is not None:
+        return _failed(msg, f"withheld the update: {problem}")
+    metrics = next(iter(content.metric_records.values()), None)
+    if metrics is None:
+        content["metrics"] = MetricRecord()
+        metrics = content.metric_records["metrics"]
+    metrics.setdefault(WEIGHT_KEY, update.num_samples)
+    metrics["gradguard-noise-amplitude"] = float(amplitude)
+    metrics["gradguard-steps"] = update.num_steps
+    content[REPLY_KEY] = _update_record(update)
+    return reply
 
 
 def update_problem(reply: RecordDict, sent: ArrayRecord, *, require_protected: bool = True) -> str | None:
@@ -261,50 +342,46 @@ def update_problem(reply: RecordDict, sent: ArrayRecord, *, require_protected: b
         return (f"its arrays are not the global model's (missing {missing[:5]}, unexpected {extra[:5]}, or another "
                 "order); reply with the arrays the server sent")
     for name, array in arrays.items():
-        want = sent[name]
-        if array.dtype != want.dtype or tuple(array.shape) != tuple(want.shape):
-            return (f"array {name!r} is {array.dtype}{list(array.shape)}, the global model's is "
+        # Compared as numpy arrays: Flower's legacy Parameters (SecAgg+) carry no dtype or shape in the record.
+        values, want = array.numpy(), sent[name].numpy()
+        if values.dtype != want.dtype or values.shape != want.shape:
+            return (f"array {name!r} is {values.dtype}{list(values.shape)}, the global model's is "
                     f"{want.dtype}{list(want.shape)}; the update must come from the same architecture")
-        values = array.numpy()
         if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
             return f"array {name!r} has NaN or infinite values (lower the learning rate or clip gradients)"
-    if require_protected and reply.config_records.get(REPLY_KEY, {}).get("defense") != "gradguard":
-        return ("it is not a GradGuard-protected update (no 'gradguard' ConfigRecord); build the ClientApp with "
-                "gradguard.integrations.flower.guarded_client_app")
+    marker = reply.config_records.get(REPLY_KEY)
+    if require_protected and (marker is None or marker.get("defense") != "gradguard"):
+        return ("it is not a GradGuard-protected update (no 'gradguard' ConfigRecord); register the train handler "
+                "with @app.train(mods=[gradguard_mod])")
     return None
-
-
-def gradguard_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Client mod: a train reply leaves the node only if :func:`update_problem` finds nothing;
-    otherwise the server gets an error reply (MOD_FAILED_PRECONDITION) that says why. Other
-    message types pass through. Put it first in ``mods`` so it sees what really leaves."""
-    if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
-        return call_next(msg, ctxt)
-    try:
-        sent = _single_arrays(msg.content)
-    except ValueError as err:
-        return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=f"gradguard_mod: {err}"), reply_to=msg)
-    reply = call_next(msg, ctxt)
-    if reply.has_error():
-        return reply
-    problem = update_problem(reply.content, sent)
-    if problem is None:
-        return reply
-    log(ERROR, "gradguard_mod withheld the update: %s", problem)
-    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=f"gradguard_mod withheld the update: {problem}"),
-                   reply_to=msg)
 
 
 class GradGuardStrategy(Strategy):
     """Strategy wrapper: only well-formed (and, with ``require_protected``, GradGuard-protected)
     train replies reach ``strategy``'s aggregation; each dropped reply is logged with its node
-    and the reason, so a bad client can neither crash the ServerApp nor slip in unprotected."""
+    and the reason, so a bad client can neither crash the ServerApp nor slip in unprotected.
+
+    :attr:`client_metrics` keeps what every client reported, per round and stage: one dict per
+    reply with ``round``, ``stage`` ("train" or "evaluate"), ``node-id`` and the reply's
+    metrics (``num-examples``, ``gradguard-noise-amplitude``, ...), which the strategy's own
+    aggregation averages away."""
 
     def __init__(self, strategy: Strategy, *, require_protected: bool = True) -> None:
         super().__init__()
         self.strategy = strategy
         self.require_protected = require_protected
         self._sent: dict[int, ArrayRecord] = {}
+        self.client_metrics: list[dict[str, int | float | str]] = []
+
+    def _record(self, server_round: int, stage: str, replies: list[Message]) -> None:
+        for reply in replies:
+            for record in reply.content.metric_records.values():
+                row: dict[str, int | float | str] = {"round": server_round, "stage": stage,
+                                                     "node-id": reply.metadata.src_node_id}
+                row.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+                self.client_metrics.append(row)
+                log(INFO, "round %d %s, node %d: %s", server_round, stage, reply.metadata.src_node_id,
+                    ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, (int, float))))
 
     def __repr__(self) -> str:
         return f"GradGuardStrategy({self.strategy!r}, require_protected={self.require_protected})"
@@ -334,6 +411,7 @@ class GradGuardStrategy(Strategy):
             else:
                 log(WARNING, "round %d: dropped the update of node %d: %s", server_round, reply.metadata.src_node_id,
                     problem)
+        self._record(server_round, "train", kept)
         return self.strategy.aggregate_train(server_round, kept)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -341,4 +419,6 @@ class GradGuardStrategy(Strategy):
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self._record(server_round, "evaluate", [reply for reply in replies if not reply.has_error()])
         return self.strategy.aggregate_evaluate(server_round, replies)

@@ -1,84 +1,97 @@
-"""The example's task: a small CNN with BatchNorm on PneumoniaMNIST (32 px), one data partition
-per SuperNode, and the local training round every client runs.
+"""The example's task in plain PyTorch and numpy: a small CNN for PneumoniaMNIST (28 px chest
+X-rays, normal vs pneumonia), each node's share of the data, and the local loops.
 
-Everything here is plain PyTorch plus GradGuard's evaluation helpers; the Flower apps and the
-equality test (``tests/integrations/test_flower.py``, which runs the same clients over GradGuard's
-own gRPC aggregator) call these functions, so both train exactly the same way.
+The model has no integer buffers (no BatchNorm step counter), so its weights survive SecAgg+'s
+quantisation unchanged in kind.
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import Context
+import torch.nn.functional as F
 from torch import nn
 
-from gradguard import GradGuard
-from gradguard.eval.datasets import ImageSet, load_medmnist
-from gradguard.eval.defenses import local_sgd
-from gradguard.eval.models import SmallCNN
-from gradguard.eval.partition import ClientLayout, partition_clients
-
-DATASET = "pneumoniamnist"
-IMAGE_SIZE = 32
+DATA_FILE = "pneumoniamnist.npz"
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32 * 7 * 7, 2)
 
-
-def build_model(context: Context | None = None) -> nn.Module:
-    """The architecture (its weights are replaced by the global model's)."""
-    return SmallCNN(in_channels=1, num_classes=2, norm="batch").to(device())
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc(x.flatten(1))
 
 
 def initial_state(seed: int) -> dict[str, torch.Tensor]:
     """The round-0 global model, the same for a given seed wherever it is built."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return {name: value.cpu() for name, value in build_model().state_dict().items()}
+        return Net().state_dict()
 
 
-def build_optimizer(model: nn.Module, context: Context) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=float(context.run_config["lr"]))
+def data_file(data_dir: str) -> Path:
+    """The MedMNIST file: ``data-dir`` of the run config, else ``$GRADGUARD_SHARED/data``."""
+    folder = Path(data_dir) if data_dir else Path(os.environ.get("GRADGUARD_SHARED", "../shared")) / "data"
+    path = folder / DATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; download PneumoniaMNIST (medmnist.com, 28 px) there, "
+                                "or set the run config's data-dir (or GRADGUARD_SHARED) to the folder holding it")
+    return path
 
 
-@lru_cache(maxsize=2)
-def split_data(split: str) -> ImageSet:
-    """A split of the dataset at the example's resolution (loaded once per process)."""
-    return load_medmnist(DATASET, split, size=IMAGE_SIZE)
+@lru_cache(maxsize=4)
+def split(data_dir: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [N, 1, 28, 28] in [0, 1] and labels [N] of one split (loaded once per process)."""
+    with np.load(data_file(data_dir)) as data:
+        images = torch.from_numpy(data[f"{name}_images"]).float().div(255).unsqueeze(1)
+        labels = torch.from_numpy(data[f"{name}_labels"].reshape(-1).astype(np.int64))
+    return images, labels
 
 
-def client_indices(context: Context) -> tuple[int, ...]:
-    """This node's images in the train split. Client i of n holds (i + 1) * ``client-images``
-    images (drawn without overlap, IID), so FedAvg's sample weighting matters."""
-    partition, count = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    run = context.run_config
-    layout = ClientLayout(batch_sizes=(int(run["batch-size"]),) * count,
-                          dataset_sizes=tuple(int(run["client-images"]) * (i + 1) for i in range(count)))
-    clients = partition_clients(split_data("train").labels, layout=layout, seed=int(run["seed"]))
-    return clients[partition].indices
+def partition(data_dir: str, name: str, node: int, nodes: int, per_node: int, seed: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Node ``node`` of ``nodes``: its ``per_node`` images of the split, disjoint from the others' (IID)."""
+    images, labels = split(data_dir, name)
+    if per_node * nodes > len(labels):
+        raise ValueError(f"{nodes} nodes x {per_node} images exceed the {name} split's {len(labels)}; "
+                         "lower the run config's client-images / eval-images")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    chosen = order[node * per_node:(node + 1) * per_node]
+    return images[chosen], labels[chosen]
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, guard: GradGuard, context: Context) -> None:
-    """``local-epochs`` epochs of mini-batch SGD over the node's images, in a seeded order.
-
-    The loop is the ordinary one; the only GradGuard call names each batch's samples (their
-    indices in the split) and classes, so masks follow the sample and relevance maps explain the
-    true class.
-    """
-    run = context.run_config
-    data, indices = split_data("train"), torch.tensor(client_indices(context))
-    order = torch.Generator().manual_seed(
-        int(run["seed"]) * 1_000_003 + int(context.node_config["partition-id"]) * 1_009 + guard.round)
-    batches, names = [], []
-    for _ in range(int(run["local-epochs"])):
-        for chunk in indices[torch.randperm(len(indices), generator=order)].split(int(run["batch-size"])):
-            batches.append((data.images[chunk], data.labels[chunk]))
-            names.append([str(i) for i in chunk.tolist()])
-
-    def name_samples(step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
-        guard.set_sample_ids(names[step], labels=labels)
-
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
+          epochs: int, batch_size: int, seed: int, on_batch=None) -> float:
+    """``epochs`` of mini-batch training in a seeded order; returns the mean loss of the last epoch.
+    ``on_batch(indices, labels)`` runs before each forward (GradGuard names the batch's samples)."""
     model.train()
-    local_sgd(model, batches, lr=float(run["lr"]), optimizer=optimizer, before_forward=name_samples)
+    order = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    for _ in range(epochs):
+        losses = []
+        for batch in torch.randperm(len(labels), generator=order).split(batch_size):
+            if on_batch is not None:
+                on_batch(batch, labels[batch])
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(images[batch]), labels[batch])
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(loss, accuracy) on the given images."""
+    model.eval()
+    logits = model(images)
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
