@@ -519,7 +519,8 @@ class GradGuard:
             self.shadow, self._shadow_state = None, shadow
         if "accountant.history" in state:
             self._accountant = new_accountant(self.config.dp.accountant)
-            self._accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["accountant.history"].tolist()]
+            self._accountant.history = [(float(s), float(q), int(n))
+                                        for s, q, n in state["accountant.history"].tolist()]
 
     # ------------------------------------------------------------------ the update
     def protected_update(self) -> ProtectedUpdate:

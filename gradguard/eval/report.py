@@ -175,7 +175,8 @@ def matched_f1_verdict(ours: dict[str, Any], other: dict[str, Any]) -> str:
     if f1_gap > 0:
         return ("trade-off: other has more F1 and leaks more" if ours_lower
                 else "**GradGuard loses** (other: more F1 and less leakage)")
-    return "GradGuard dominates (more F1, less leakage)" if ours_lower else "trade-off: other has less F1 and leaks less"
+    return ("GradGuard dominates (more F1, less leakage)" if ours_lower
+            else "trade-off: other has less F1 and leaks less")
 
 
 # ---------------------------------------------------------------------------- Markdown

@@ -291,8 +291,8 @@ def gradguard_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> 
     if problem is None:
         return reply
     log(ERROR, "gradguard_mod withheld the update: %s", problem)
-    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=f"gradguard_mod withheld the update: {problem}"),
-                   reply_to=msg)
+    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION,
+                         reason=f"gradguard_mod withheld the update: {problem}"), reply_to=msg)
 
 
 class GradGuardStrategy(Strategy):

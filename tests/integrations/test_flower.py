@@ -84,7 +84,8 @@ def test_run_config_sets_guard_fields_and_names_unknown_keys():
     assert (config.noise_amplitude, config.refresh_every, config.total_rounds) == (0.3, 4, 7)
     assert guard_config({"gradguard.preset": "untargeted"}) == GuardConfig.preset("untargeted")
     assert guard_config({}, base=GuardConfig(noise_amplitude=0.4)).noise_amplitude == 0.4
-    with pytest.raises(ValueError, match=r"gradguard\.noise-amplitud names no .*did you mean 'gradguard\.noise-amplitude'"):
+    with pytest.raises(ValueError,
+                       match=r"gradguard\.noise-amplitud names no .*did you mean 'gradguard\.noise-amplitude'"):
         guard_config({"gradguard.noise-amplitud": 0.3})
     with pytest.raises(ValueError, match="did you mean 'smooth'"):  # values are checked like any GuardConfig's
         guard_config({"gradguard.noise-kind": "smoth"})
@@ -255,7 +256,7 @@ def _our_aggregator(run: dict, tmp_path: Path) -> tuple[list[dict[str, torch.Ten
                 model = task.build_model(context)
                 model.load_state_dict(state)
                 result = guarded_round(model, task.build_optimizer(model, context),
-                                       lambda m, o, g: task.train(m, o, g, context),
+                                       lambda m, o, g, context=context: task.train(m, o, g, context),
                                        config=guard_config(run).with_(seed=NODE_SEED),
                                        client_id=ids[i], round=round_index, state=states[i])
                 states[i] = result.state

@@ -114,7 +114,7 @@ class Attack(ABC):
         return AttackResult(images=best.images.detach().clamp(0, 1).cpu(), labels=labels.cpu(), loss=best.loss,
                             seconds=time.perf_counter() - start, history=best.history)
 
-    def _prepare(self, obs: Observation, labels: Tensor) -> None:
+    def _prepare(self, obs: Observation, labels: Tensor) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Work shared by all restarts (e.g. fitting a learned prior); nothing by default."""
 
     @abstractmethod
