@@ -187,7 +187,7 @@ class _Logits(nn.Module):
         return select_logits(self.model(*args, **kwargs), self.selector)
 
 
-def final_linear(model: nn.Module) -> tuple[str, nn.Module]:
+def final_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return last_layer(model, nn.Linear, needed_for="whose gradient is what the shadow inverts",
                       fix="end the model with an nn.Linear classifier, or set GuardConfig(shadow='none')")
 

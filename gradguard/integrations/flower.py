@@ -31,7 +31,7 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from logging import ERROR, INFO, WARNING
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import safetensors.torch
@@ -222,22 +222,25 @@ def guarded_client_app(train_fn: TrainFn, *, model_fn: ModelFn, optimizer_fn: Op
         model = model_fn(context)
         model.load_state_dict(sent.to_torch_state_dict())
         optimizer = optimizer_fn(model, context)
-        server_round = int(next(iter(msg.content.config_records.values()), {}).get("server-round", 1))
+        # cast: a record value may be any ConfigRecordValues (lists too); these keys hold what the server
+        # sends ("server-round": an int) and what this handler stored (an int seed, bytes of state)
+        round_config = next(iter(msg.content.config_records.values()), ConfigRecord())
+        server_round = int(cast(int, round_config.get("server-round", 1)))
         stored = context.state.config_records.get(STATE_KEY)
         # The noise seed is the node's: fixed by its operator, or a secret drawn once, since noise
         # that the server could regenerate would hide nothing.
         if NODE_SEED_KEY in context.node_config:
             seed = int(context.node_config[NODE_SEED_KEY])
         else:
-            seed = int(stored["seed"]) if stored is not None else secrets.randbits(31)
+            seed = int(cast(int, stored["seed"])) if stored is not None else secrets.randbits(31)
         settings = guard_config(context.run_config, base=config).with_(seed=seed)
         result = guarded_round(
             model, optimizer, lambda m, o, g: train_fn(m, o, g, context), config=settings,
             client_id=node_client_id(context),
             round=server_round - 1,  # Flower counts rounds from 1, GradGuard's schedules from 0
-            state=stored["state"] if stored is not None else None,
+            state=cast(bytes, stored["state"]) if stored is not None else None,
             dataset_size=dataset_size_fn(context) if dataset_size_fn is not None else None)
-        context.state[STATE_KEY] = ConfigRecord({"seed": settings.seed, "state": result.state})
+        context.state[STATE_KEY] = ConfigRecord({"seed": seed, "state": result.state})  # seed is settings.seed
         array_key = next(iter(msg.content.array_records))
         return Message(RecordDict({
             array_key: protected_arrays(result.update, sent),
@@ -268,7 +271,8 @@ def update_problem(reply: RecordDict, sent: ArrayRecord, *, require_protected: b
         values = array.numpy()
         if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
             return f"array {name!r} has NaN or infinite values (lower the learning rate or clip gradients)"
-    if require_protected and reply.config_records.get(REPLY_KEY, {}).get("defense") != "gradguard":
+    marker = reply.config_records.get(REPLY_KEY)
+    if require_protected and (marker is None or marker.get("defense") != "gradguard"):
         return ("it is not a GradGuard-protected update (no 'gradguard' ConfigRecord); build the ClientApp with "
                 "gradguard.integrations.flower.guarded_client_app")
     return None
