@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check gradguard tests benchmarks
+	$(PY) -m mypy gradguard
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -120,7 +120,8 @@ def main() -> None:
             key = f"{model_name}/b{batch}"
             torch.manual_seed(0)
             base = build_model(model_name, in_channels=1, num_classes=2).to(device)
-            pool = [(data.images[i * batch:(i + 1) * batch].to(device), data.labels[i * batch:(i + 1) * batch].to(device))
+            pool = [(data.images[i * batch:(i + 1) * batch].to(device),
+                     data.labels[i * batch:(i + 1) * batch].to(device))
                     for i in range(args.epoch_batches)]
             runs = {v: Variant(v, base, model_name, args.refresh_every, pool[0]) for v in VARIANTS}
             phases: dict[str, dict[str, list[float]]] = {p: {v: [] for v in VARIANTS}

@@ -5,10 +5,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # type checkers see the names; at run time they load on first use
-    from gradguard.config import PRESETS, DPConfig, GuardConfig, MaskConfig, NoiseConfig, ShadowConfig
-    from gradguard.errors import ConfigError, GradGuardError, UnsupportedModelError
-    from gradguard.guard import GradGuard, MaskExplanation
-    from gradguard.update import ProtectedUpdate
+    from gradguard.config import PRESETS as PRESETS, DPConfig as DPConfig, GuardConfig as GuardConfig
+    from gradguard.config import MaskConfig as MaskConfig, NoiseConfig as NoiseConfig, ShadowConfig as ShadowConfig
+    from gradguard.errors import ConfigError as ConfigError, GradGuardError as GradGuardError
+    from gradguard.errors import UnsupportedModelError as UnsupportedModelError
+    from gradguard.guard import GradGuard as GradGuard, MaskExplanation as MaskExplanation
+    from gradguard.update import ProtectedUpdate as ProtectedUpdate
 
 # Imported on first use: `gradguard serve` (gradguard.transport) runs without loading torch.
 _EXPORTS: dict[str, str] = {

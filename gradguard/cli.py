@@ -30,7 +30,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         except ImportError as err:  # an optional extra is missing: say which
             if wanted:
                 raise SystemExit(f"gradguard {wanted}: cannot load {module_name} ({err}); "
-                                 "install the extra it needs, e.g. pip install 'gradguard[eval]'")
+                                 "install the extra it needs, e.g. pip install 'gradguard[eval]'") from err
     return parser
 
 

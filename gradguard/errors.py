@@ -1,7 +1,11 @@
 """Errors the guard raises; each message names the module and the fix."""
 from __future__ import annotations
 
+from typing import TypeVar
+
 from torch import nn
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 class GradGuardError(RuntimeError):
@@ -12,7 +16,7 @@ class UnsupportedModelError(GradGuardError, ValueError):
     """The wrapped model has a layer or a shape the chosen mode cannot serve."""
 
 
-def last_layer(model: nn.Module, kind: type[nn.Module], *, needed_for: str, fix: str) -> tuple[str, nn.Module]:
+def last_layer(model: nn.Module, kind: type[ModuleT], *, needed_for: str, fix: str) -> tuple[str, ModuleT]:
     """The last module of type ``kind`` in registration order, or an error saying why it is needed."""
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
     if not found:

@@ -187,7 +187,7 @@ class _Logits(nn.Module):
         return select_logits(self.model(*args, **kwargs), self.selector)
 
 
-def final_linear(model: nn.Module) -> tuple[str, nn.Module]:
+def final_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return last_layer(model, nn.Linear, needed_for="whose gradient is what the shadow inverts",
                       fix="end the model with an nn.Linear classifier, or set GuardConfig(shadow='none')")
 
@@ -519,7 +519,8 @@ class GradGuard:
             self.shadow, self._shadow_state = None, shadow
         if "accountant.history" in state:
             self._accountant = new_accountant(self.config.dp.accountant)
-            self._accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["accountant.history"].tolist()]
+            self._accountant.history = [(float(s), float(q), int(n))
+                                        for s, q, n in state["accountant.history"].tolist()]
 
     @property
     def model(self) -> nn.Module | None:

@@ -1,7 +1,7 @@
 """The mask mathematics: small pure functions, and the per-sample mask store.
 
-Maps are tensors [B, 1, H, W] (or [B, 1, D, H, W] for volumes). A vulnerability map is high where an attacker recovers the
-pixel well; a relevance map is high where the diagnosis looks. The mask M says where noise
+Maps are tensors [B, 1, H, W] (or [B, 1, D, H, W] for volumes). A vulnerability map is high where an attacker
+recovers the pixel well; a relevance map is high where the diagnosis looks. The mask M says where noise
 goes; it is normalised per sample so that the noise budget does not depend on its shape.
 """
 from __future__ import annotations

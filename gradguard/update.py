@@ -17,8 +17,8 @@ class ProtectedUpdate:
     ``tensors`` maps state-dict names to CPU tensors. For ``kind="delta"`` they are
     ``local_weights - global_weights`` (parameters and floating-point buffers, so BatchNorm
     running statistics are averaged too); for ``kind="gradient"`` they are the gradient of one
-    step at the weights the round started from (parameters only). Everything an attacker could know about the round (batch size,
-    learning rate, local steps) travels in the metadata because a server sees it anyway.
+    step at the weights the round started from (parameters only). Everything an attacker could know about the round
+    (batch size, learning rate, local steps) travels in the metadata because a server sees it anyway.
     """
 
     tensors: dict[str, torch.Tensor]

@@ -51,7 +51,8 @@ def compare_defenses(defenses: dict[str, tuple[str, Defense]], *, model: nn.Modu
     for name, (text, defense) in defenses.items():
         update = defense.local_update(model, [(image, label)], lr=UPDATE_LR, round=round, total_rounds=total_rounds,
                                       client_id=client_id)
-        result = attack.reconstruct(model=model, update=update, image_shape=tuple(image.shape[1:]),
+        channels, height, width = image.shape[1:]
+        result = attack.reconstruct(model=model, update=update, image_shape=(channels, height, width),
                                     num_classes=num_classes, labels=label)
         variants = adaptive_variants(result.images, prior)
         variant = max(variants, key=lambda v: psnr(variants[v], image).item())

@@ -77,8 +77,9 @@ def _follow(server: AggregatorServer, futures: Sequence[Future], rounds: int, pr
     with tqdm(total=rounds, desc="federated rounds", unit="round", disable=not progress) as bar:
         while server.current_round < rounds:
             for future in futures:
-                if future.done() and future.exception() is not None:
-                    raise future.exception()
+                error = future.exception() if future.done() else None
+                if error is not None:
+                    raise error
             time.sleep(0.05)
             bar.update(server.current_round - bar.n)
         bar.update(rounds - bar.n)

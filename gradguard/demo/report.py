@@ -148,8 +148,8 @@ def markdown(result: DemoResult) -> str:
     settings = ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in result.settings()]
     return "\n".join([
         "# GradGuard demo report", "",
-        f"What a gradient inversion attack recovers of one patient image from its client's update, "
-        f"without a defense, with GradGuard and with Opacus DP-SGD.", "",
+        "What a gradient inversion attack recovers of one patient image from its client's update, "
+        "without a defense, with GradGuard and with Opacus DP-SGD.", "",
         "## Leakage (lower PSNR/SSIM and higher LPIPS mean less leaked)", "", *table, "", SCORING, "",
         f"![reconstructions]({RECONSTRUCTION_FIGURE})", "",
         "## Utility", "", result.utility_text(), "",

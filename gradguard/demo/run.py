@@ -16,7 +16,7 @@ from gradguard.demo.federation import GuardedClient, run_federation
 from gradguard.demo.report import DemoResult, write_report
 from gradguard.eval.attacks import build_attack
 from gradguard.eval.bench import evaluate
-from gradguard.eval.defenses import Defense, build_defense
+from gradguard.eval.defenses import Defense, GradGuardDefense, build_defense
 from gradguard.eval.metrics import LPIPSMetric
 from gradguard.eval.models import SmallCNN
 from gradguard.eval.partition import ClientLayout, partition_clients
@@ -51,7 +51,7 @@ def _captions(data: DemoData, client: GuardedClient, count: int) -> list[str]:
 
 
 def _defenses(config: DemoConfig, client: GuardedClient) -> dict[str, tuple[str, Defense]]:
-    guarded = build_defense("gradguard")
+    guarded = GradGuardDefense()
     # The client's own guard, with the masks and the shadow it built during training: the
     # update attacked is the one this client would really share.
     guarded.guards[client.client_id] = client.guard
@@ -90,7 +90,7 @@ def run_demo(config: DemoConfig, out: Path, *, echo: Echo = print) -> tuple[Demo
                  f"PyPI wheels. For the federation, put {config.dataset}.npz in $GRADGUARD_DATA or "
                  "pip install medmnist (online).")
 
-    if data.federated:
+    if data.test is not None:  # data.federated
         with stage("train", f"federation: {config.clients} GradGuard clients, {config.rounds} rounds over gRPC"):
             layout = ClientLayout(batch_sizes=(config.batch_size,) * config.clients,
                                   dataset_sizes=(config.images_per_client,) * config.clients)

@@ -48,7 +48,8 @@ def verdict(ours: SummaryRow, other: SummaryRow) -> str:
     if mine == theirs:  # both at the prior
         if abs(gap) <= F1_MATCH:
             return "tie (both at the prior, F1 matched)"
-        return "GradGuard wins (both at the prior, more F1)" if gap > 0 else "**GradGuard loses** (both at the prior, less F1)"
+        return ("GradGuard wins (both at the prior, more F1)" if gap > 0
+                else "**GradGuard loses** (both at the prior, less F1)")
     less = mine < theirs
     if abs(gap) <= F1_MATCH:
         return "GradGuard wins (less leakage, F1 matched)" if less else "**GradGuard loses** (more leakage, F1 matched)"
@@ -151,8 +152,8 @@ def privacy_utility_plot(dataset: str, rows: Sequence[SummaryRow], path: Path) -
     key.axis("off")
     key.text(0, 1, "\n".join(f"{n:>2}  {d}" for n, d in enumerate(defenses, 1)), va="top", ha="left", fontsize=7,
              family="monospace", transform=key.transAxes)
-    figure.suptitle(f"{dataset}: leakage above the prior against utility, mean over the {len(set(r.setting for r in leaking))} "
-                    "settings that leak (red stars: GradGuard settings)")
+    figure.suptitle(f"{dataset}: leakage above the prior against utility, mean over the "
+                    f"{len(set(r.setting for r in leaking))} settings that leak (red stars: GradGuard settings)")
     figure.savefig(path, dpi=120)
 
 

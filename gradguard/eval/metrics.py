@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from skimage.metrics import structural_similarity
-from torch import Tensor, nn
+from torch import Tensor
 
 from gradguard.eval.datasets import shared_dir
+
+if TYPE_CHECKING:
+    from lpips import LPIPS  # untyped: its net, lins and L are unchecked
 
 Protocol = Literal["best", "strict"]
 PROTOCOLS: tuple[Protocol, ...] = ("best", "strict")
@@ -72,8 +75,8 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
 
 def pairwise_ssim(recon: Tensor, true: Tensor) -> Tensor:
     """SSIM of every reconstruction against every true image: [R, N]."""
-    recon, true = _as_batch(recon, "recon").numpy(), _as_batch(true, "true").numpy()
-    return torch.tensor([[_ssim_one(r, t) for t in true] for r in recon])
+    recons, trues = _as_batch(recon, "recon").numpy(), _as_batch(true, "true").numpy()
+    return torch.tensor([[_ssim_one(r, t) for t in trues] for r in recons])
 
 
 class LPIPSMetric:
@@ -94,7 +97,7 @@ class LPIPSMetric:
         self.device = torch.device(device)
         with warnings.catch_warnings():  # lpips calls torchvision's deprecated ``pretrained=`` argument
             warnings.simplefilter("ignore", UserWarning)
-            self.model: nn.Module = lpips.LPIPS(net="alex", version="0.1", pnet_rand=offline, verbose=False)
+            self.model: LPIPS = lpips.LPIPS(net="alex", version="0.1", pnet_rand=offline, verbose=False)
         if offline:
             self._load_backbone(path)
         self.model.eval().to(self.device)

@@ -175,7 +175,8 @@ def matched_f1_verdict(ours: dict[str, Any], other: dict[str, Any]) -> str:
     if f1_gap > 0:
         return ("trade-off: other has more F1 and leaks more" if ours_lower
                 else "**GradGuard loses** (other: more F1 and less leakage)")
-    return "GradGuard dominates (more F1, less leakage)" if ours_lower else "trade-off: other has less F1 and leaks less"
+    return ("GradGuard dominates (more F1, less leakage)" if ours_lower
+            else "trade-off: other has less F1 and leaks less")
 
 
 # ---------------------------------------------------------------------------- Markdown
@@ -267,7 +268,7 @@ def _detail_tables(rows: list[dict[str, Any]], ref: dict[str, Any] | None, *, se
             for seed in seeds:
                 leak, base = s["leakage_by_seed"].get(seed), ref and ref["leakage_by_seed"].get(seed)
                 values.append("–" if leak is None else f"{leak['psnr_best']:.2f}"
-                              + _delta(leak["psnr_best"], base and base["psnr_best"], "+.2f")
+                              + _delta(leak["psnr_best"], base["psnr_best"] if base else None, "+.2f")
                               + f" / {leak['ssim_best']:.3f} / {leak['lpips_best']:.3f}")
             lines.append(f"| {s['defense']} | " + " | ".join(values) + " |")
     over = "captured updates of every attacked run" if several_runs else "captured updates"

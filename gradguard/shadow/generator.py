@@ -52,7 +52,8 @@ def _bn_input_stats(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tenso
         dims = (0, *range(2, x.ndim))  # every axis but the channel's
         stats.append(torch.cat([x.mean(dim=dims), x.var(dim=dims, unbiased=False)]))
 
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    handles = [m.register_forward_pre_hook(record) for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     try:
         logits = model(images)
     finally:

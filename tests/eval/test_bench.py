@@ -155,8 +155,10 @@ def test_the_modality_presets_are_the_settings_the_full_benchmark_measured():
 
 def test_fedavg_adds_the_sample_weighted_mean_delta_and_keeps_integer_buffers():
     base = {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor(7)}
-    updates = [ProtectedUpdate(tensors={"w": torch.tensor([1.0, 0.0])}, kind="delta", num_samples=1, num_steps=1, round=1),
-               ProtectedUpdate(tensors={"w": torch.tensor([0.0, 4.0])}, kind="delta", num_samples=3, num_steps=1, round=1)]
+    updates = [ProtectedUpdate(tensors={"w": torch.tensor([1.0, 0.0])}, kind="delta", num_samples=1, num_steps=1,
+                               round=1),
+               ProtectedUpdate(tensors={"w": torch.tensor([0.0, 4.0])}, kind="delta", num_samples=3, num_steps=1,
+                               round=1)]
     result = fedavg(base, updates)
     torch.testing.assert_close(result["w"], torch.tensor([1.25, 5.0]))
     assert result["steps"] is base["steps"] and torch.equal(base["w"], torch.tensor([1.0, 2.0]))
@@ -225,7 +227,8 @@ def test_matched_f1_verdicts():
     assert "loses" in matched_f1_verdict(ours, other(0.85, 14.0))
     assert "dominates" in matched_f1_verdict(ours, other(0.70, 16.0))
     assert "trade-off" in matched_f1_verdict(ours, other(0.70, 12.0))
-    assert matched_f1_verdict(ours, other(0.80, 17.0, collapsed=1)) == "no verdict (collapsed runs); GradGuard leaks less"
+    assert (matched_f1_verdict(ours, other(0.80, 17.0, collapsed=1))
+            == "no verdict (collapsed runs); GradGuard leaks less")
 
 
 def test_goal_checks_hold_micro_and_macro_f1_to_a_point():

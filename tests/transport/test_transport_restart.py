@@ -35,7 +35,8 @@ def test_sigkill_mid_round_loses_no_acknowledged_update(tmp_path, caplog):
     write_private(tmp_path / "clients.json", json.dumps(tokens))
     write_tensors(tmp_path / "model.safetensors", STATE)
     updates = {cid: make_update(STATE, seed=i, num_samples=2 ** i, client_id=cid) for i, cid in enumerate(tokens)}
-    retry = RetryPolicy(attempts=400, initial_backoff_s=0.05, max_backoff_s=0.25)  # ~100 s: a loaded machine starts slowly
+    # ~100 s: a loaded machine starts slowly
+    retry = RetryPolicy(attempts=400, initial_backoff_s=0.05, max_backoff_s=0.25)
     server, address = _serve(tmp_path, "127.0.0.1:0")
     clients = {cid: AggregatorClient(address, client_id=cid, token=tokens[cid], retry=retry) for cid in tokens}
     try:

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -80,8 +80,9 @@ class Attack(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[AttackConfig]]
 
-    def __init__(self, config: AttackConfig | None = None, **overrides: object):
-        config = config if config is not None else self.config_class()
+    def __init__(self, config: AttackConfig | None = None, **overrides: Any):
+        # AttackConfig itself has required fields (the ignore below); every config_class defaults them all
+        config = config if config is not None else self.config_class()  # type: ignore[call-arg]
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
                             f"got {type(config).__name__}")
@@ -114,7 +115,7 @@ class Attack(ABC):
         return AttackResult(images=best.images.detach().clamp(0, 1).cpu(), labels=labels.cpu(), loss=best.loss,
                             seconds=time.perf_counter() - start, history=best.history)
 
-    def _prepare(self, obs: Observation, labels: Tensor) -> None:
+    def _prepare(self, obs: Observation, labels: Tensor) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Work shared by all restarts (e.g. fitting a learned prior); nothing by default."""
 
     @abstractmethod
@@ -131,10 +132,11 @@ AttackT = TypeVar("AttackT", bound=type[Attack])
 
 def register_attack(cls: AttackT) -> AttackT:
     """Class decorator: make ``cls`` available to :func:`build_attack` under ``cls.name``."""
-    return ATTACKS.add(cls.name, cls)
+    ATTACKS.add(cls.name, cls)
+    return cls
 
 
-def build_attack(name: str, **kwargs: object) -> Attack:
+def build_attack(name: str, **kwargs: Any) -> Attack:
     """The attack registered as ``name``; ``kwargs`` are ``config=`` and/or config field overrides."""
     return ATTACKS.lookup(name)(**kwargs)
 

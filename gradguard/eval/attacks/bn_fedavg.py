@@ -96,7 +96,7 @@ class BNFedAvgAttack(InvertingGradients):
         return distance
 
 
-def _revealed_statistics(obs: Observation, name: str, module: nn.Module, steps: int) -> _BNTarget:
+def _revealed_statistics(obs: Observation, name: str, module: _BatchNorm, steps: int) -> _BNTarget:
     """The batch statistics the update reveals for one BN layer (see the module docstring).
 
     ``steps`` is how many steps the attack replays; when it is not the client's number of steps

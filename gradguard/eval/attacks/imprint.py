@@ -131,7 +131,8 @@ def imprint_model(victim: nn.Module, *, public: Tensor, config: ImprintConfig | 
     the server's own images of the clients' kind), on the victim's device."""
     config = config or ImprintConfig()
     thresholds = brightness_thresholds(public, config.bins)
-    block = ImprintBlock(tuple(public.shape[1:]), thresholds, gain=config.gain, seed=config.seed)
+    channels, height, width = public.shape[1:]  # [N, C, H, W], checked by brightness_thresholds
+    block = ImprintBlock((channels, height, width), thresholds, gain=config.gain, seed=config.seed)
     device = next(victim.parameters()).device
     return ImprintedModel(block.to(device), victim)
 

@@ -107,7 +107,8 @@ class LearnedDecoderAttack(InvertingGradients):
         features = F.normalize(_head_inputs(model.train(train_mode), images, batch_size), dim=1)
         with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's RNG alone
             torch.manual_seed(cfg.seed)
-            decoder = FeatureDecoder(features.shape[1], tuple(images.shape[1:]), cfg.decoder_width).to(device)
+            channels, height, width = images.shape[1:]
+            decoder = FeatureDecoder(features.shape[1], (channels, height, width), cfg.decoder_width).to(device)
         optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.fit_lr)
         for _ in tqdm(range(cfg.fit_steps), desc=f"{self.name} fit", disable=not cfg.progress, leave=False):
             batch = torch.randint(usable, (cfg.fit_batch,), generator=generator).to(device)

@@ -1,6 +1,8 @@
 """Differentiable pieces of the attack objectives: the client's step replayed, distances, priors."""
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,15 +36,16 @@ def simulated_gradient(obs: Observation, images: Tensor, labels: Tensor, *, step
 
 def cosine_distance(grads: list[Tensor], target: list[Tensor]) -> Tensor:
     """1 - cosine similarity of the concatenated tensors (Inverting Gradients' loss)."""
+    # cast: sum() of tensors is a tensor; its start, 0, comes back only for no tensors at all
     dot = sum((g * t).sum() for g, t in zip(grads, target))
-    norm_g = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-    norm_t = torch.sqrt(sum(t.pow(2).sum() for t in target))
+    norm_g = torch.sqrt(cast(Tensor, sum(g.pow(2).sum() for g in grads)))
+    norm_t = torch.sqrt(cast(Tensor, sum(t.pow(2).sum() for t in target)))
     return 1 - dot / (norm_g * norm_t + 1e-12)
 
 
 def squared_distance(grads: list[Tensor], target: list[Tensor]) -> Tensor:
     """Sum of squared differences (DLG's loss)."""
-    return sum((g - t).pow(2).sum() for g, t in zip(grads, target))
+    return cast(Tensor, sum((g - t).pow(2).sum() for g, t in zip(grads, target)))
 
 
 def total_variation(images: Tensor) -> Tensor:

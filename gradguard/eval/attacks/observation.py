@@ -82,9 +82,10 @@ def observe(model: nn.Module, update: ProtectedUpdate, *, image_shape: tuple[int
         target = {name: -update.tensors[name].to(device) / (lr * num_steps) for name in trainable}
         batch_size = min(update.batch_size or update.num_samples, update.num_samples)
     buffers = dict(model.named_buffers())
+    channels, height, width = image_shape  # a plain tuple (not a torch.Size or list)
     buffer_delta = {name: update.tensors[name].to(device) for name in buffers
                     if name in update.tensors and update.kind == "delta"}
     return Observation(model=model, update=update, target=target, buffer_delta=buffer_delta,
                        global_buffers={name: b.detach().clone() for name, b in buffers.items()},
                        train_mode=mode == "train", num_steps=num_steps, learning_rate=lr,
-                       batch_size=batch_size, image_shape=tuple(image_shape), num_classes=num_classes)
+                       batch_size=batch_size, image_shape=(channels, height, width), num_classes=num_classes)

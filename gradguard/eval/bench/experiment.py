@@ -149,8 +149,8 @@ class Experiment:
         return setting.attacks if setting.attacks is not None else self.attacks
 
 
-_TOP_KEYS = {"kind", "name", "datasets", "image_size", "attack_seeds", "distractors", "denoiser_steps", "defenses", "attacks",
-             "utility", "settings"}
+_TOP_KEYS = {"kind", "name", "datasets", "image_size", "attack_seeds", "distractors", "denoiser_steps", "defenses",
+             "attacks", "utility", "settings"}
 _UTILITY_KEYS = {"model", "width", "scale", "distribution", "alpha", "rounds", "lr", "lr_schedule", "seeds", "results"}
 
 

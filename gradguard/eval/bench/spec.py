@@ -183,8 +183,9 @@ class BenchConfig:
 # even without noise. Reports with more settings name them in experiment files
 # (benchmarks/experiments/paper.toml holds the 28 of benchmarks/results/paper).
 _FULL_DEFENSES = _specs(
-    "none", "gradguard", "chest_xray", "fundus", "untargeted", "shadowdef", "dpsgd:noise_multiplier=0.5,max_grad_norm=5",
-    "gaussian:sigma0=0.1", "pruning:fraction=0.9", "soteria:score_every=8")
+    "none", "gradguard", "chest_xray", "fundus", "untargeted", "shadowdef",
+    "dpsgd:noise_multiplier=0.5,max_grad_norm=5", "gaussian:sigma0=0.1", "pruning:fraction=0.9",
+    "soteria:score_every=8")
 # DLG (L-BFGS, about 15 s a cell at 30 steps) never beat another attack on a captured update in
 # a trial run, so the CPU-sized full mode leaves it out; ``--large`` runs every attack.
 _FULL_ATTACKS = _specs("inverting_gradients:iterations=500,restarts=1",

@@ -16,8 +16,8 @@ from gradguard.eval.defenses.pruning import GradientPruning
 from gradguard.eval.defenses.soteria import Soteria, feature_scores
 
 __all__ = [
-    "ChestXrayDefense", "DEFENSES", "DPSGD", "Defense", "FundusDefense", "GaussianUpdateNoise", "GradGuardDefense", "GradientPruning",
-    "GuardedDefense", "LocalRound", "NoDefense", "RelevanceOnlyDefense", "ShadowDefDefense",
+    "ChestXrayDefense", "DEFENSES", "DPSGD", "Defense", "FundusDefense", "GaussianUpdateNoise", "GradGuardDefense",
+    "GradientPruning", "GuardedDefense", "LocalRound", "NoDefense", "RelevanceOnlyDefense", "ShadowDefDefense",
     "ShadowOnlyDefense", "Soteria", "UntargetedDefense", "build_defense", "feature_scores", "last_gradient",
     "local_sgd", "per_sample_gradients", "register_defense",
 ]

@@ -175,7 +175,8 @@ DefenseT = TypeVar("DefenseT", bound=type[Defense])
 
 def register_defense(cls: DefenseT) -> DefenseT:
     """Class decorator: make ``cls`` available to :func:`build_defense` under ``cls.name``."""
-    return DEFENSES.add(cls.name, cls)
+    DEFENSES.add(cls.name, cls)
+    return cls
 
 
 def build_defense(name: str, **params: Any) -> Defense:

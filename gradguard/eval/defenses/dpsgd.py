@@ -107,7 +107,8 @@ class DPSGD(Defense):
 
         def attach_per_sample(_step: int, images: Tensor, targets: Tensor) -> None:
             for name, value in per_sample_gradients(model, images, targets).items():
-                named[name].grad_sample = value
+                # Opacus' DPOptimizer reads this attribute, which torch's Parameter does not declare
+                named[name].grad_sample = value  # type: ignore[attr-defined]
 
         local_sgd(model, batches, lr=context.lr, optimizer=optimizer, after_backward=attach_per_sample)
         return self.shared_tensors(before, model)
