@@ -59,7 +59,8 @@ class TensorPayload:
         """The payload as consecutive views: the header, then each tensor's bytes."""
         yield memoryview(self._prefix)
         for tensor in self._tensors:
-            yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            # numpy's stubs give ndarray __buffer__ only from Python 3.12; it is a buffer on every version.
+            yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
     def sha256(self) -> str:
         digest = hashlib.sha256()

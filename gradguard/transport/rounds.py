@@ -283,7 +283,8 @@ class RoundManager:
                                  "an accepted update is final")
         raise TransportError(grpc.StatusCode.ALREADY_EXISTS,
                              f"client {client_id!r} already has a different update accepted in round {ack.round} "
-                             f"(sha256 {accepted_sha256[:12]}...); an accepted update is final, submit the next one for "
+                             f"(sha256 {accepted_sha256[:12]}...); an accepted update is final, "
+                             "submit the next one for "
                              f"round {ack.round + 1}")
 
     def _receive(self, client_id: str, header: pb.UpdateHeader, chunks: Iterable[bytes],

@@ -19,8 +19,8 @@ from gradguard.transport._generated.v1 import aggregator_pb2 as pb
 from gradguard.transport.aggregation import combine_norms, l2_norm_squared_scaled
 from gradguard.transport.errors import TransportError
 from gradguard.transport.wire import (FLOAT_CODES, FLOAT_MAX, ITEM_BYTES, HashingWriter, Layout,
-                                      MalformedSafetensors, SafetensorsHeader, TensorEntry, canonical_order, header_bytes,
-                                      parse_header, read_range, to_float64)
+                                      MalformedSafetensors, SafetensorsHeader, TensorEntry, canonical_order,
+                                      header_bytes, parse_header, read_range, to_float64)
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 

@@ -180,7 +180,8 @@ def test_a_small_experiment_runs_end_to_end_and_resumes(tmp_path):
     again = run_leakage(load_experiment(path, progress=False), out)
     assert (again.trained, again.attacked) == (0, 0)
     # A report from the cache alone leaves out what was never computed.
-    more = _write(tmp_path, TINY.replace('defenses = ["none", "chest_xray"]', 'defenses = ["none", "gaussian:sigma0=0.1"]'))
+    more = _write(tmp_path, TINY.replace('defenses = ["none", "chest_xray"]',
+                                         'defenses = ["none", "gaussian:sigma0=0.1"]'))
     cached = run_leakage(load_experiment(more, progress=False), out, report_dir=tmp_path / "cached", compute=False)
     assert (cached.trained, cached.attacked) == (0, 0)
     assert [r["defense"] for r in json.loads((tmp_path / "cached" / "summary.json").read_text())] == ["none"]

@@ -87,7 +87,8 @@ def test_run_config_sets_guard_fields_and_names_unknown_keys():
     assert (config.noise_amplitude, config.refresh_every, config.total_rounds) == (0.3, 4, 7)
     assert guard_config({"gradguard.preset": "untargeted"}) == GuardConfig.preset("untargeted")
     assert guard_config({}, base=GuardConfig(noise_amplitude=0.4)).noise_amplitude == 0.4
-    with pytest.raises(ValueError, match=r"gradguard\.noise-amplitud names no .*did you mean 'gradguard\.noise-amplitude'"):
+    with pytest.raises(ValueError,
+                       match=r"gradguard\.noise-amplitud names no .*did you mean 'gradguard\.noise-amplitude'"):
         guard_config({"gradguard.noise-amplitud": 0.3})
     with pytest.raises(ValueError, match="did you mean 'smooth'"):  # values are checked like any GuardConfig's
         guard_config({"gradguard.noise-kind": "smoth"})

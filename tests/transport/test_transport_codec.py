@@ -15,8 +15,8 @@ import gradguard.transport._generated.v1 as generated
 from gradguard.transport.codec import (TensorPayload, decode_tensors, encode_tensors, iter_tensors, load_update,
                                        save_update, write_tensors)
 from gradguard.transport import wire
-from gradguard.transport.wire import (FLUSH_BEHIND_BYTES, HashingWriter, MalformedSafetensors, file_sha256, from_float64,
-                                      read_header, to_float64)
+from gradguard.transport.wire import (FLUSH_BEHIND_BYTES, HashingWriter, MalformedSafetensors, file_sha256,
+                                      from_float64, read_header, to_float64)
 from gradguard.update import ProtectedUpdate
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -473,7 +473,8 @@ def run_leakage(experiment: Experiment, out: str | Path, *, report_dir: str | Pa
         return sized.setdefault((name, size), Data.load(name, size))
 
     seeds = () if experiment.utility_results else experiment.utility.seeds
-    total = len(datasets) * sum(len(seeds) + experiment.attack_seeds * sum(s.runs(spec, of) for s in experiment.settings)
+    total = len(datasets) * sum(len(seeds) + experiment.attack_seeds
+                                * sum(s.runs(spec, of) for s in experiment.settings)
                                 for spec, of in defenses)
     cells: list[LeakageCell] = []
     runs = measured_runs(experiment.utility_results, [d.train.name for d in datasets.values()], defenses)
