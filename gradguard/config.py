@@ -371,7 +371,7 @@ PRESETS: dict[str, GuardConfig] = {
         shadow=ShadowConfig(kind="generator", steps_per_batch=5),
         bn_statistics="noised",
     ),
-    # Measured per modality (RESULTS.md, session 8). Both spend the noise on updates that cover few
+    # Measured per modality on the federation benchmark (RESULTS.md). Both spend the noise on updates that cover few
     # images (update_exponent; wrap needs dataset_size), which the attacks invert, so the clients
     # holding most of the data train almost clean and F1 is kept. Chest X-rays: a label-free
     # relevance map and a flatter vulnerability map ("GradGuard-P1U"). Fundus images: a flatter
