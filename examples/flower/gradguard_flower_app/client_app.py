@@ -52,14 +52,21 @@ def _load_global(model: torch.nn.Module, content: RecordDict) -> None:
         model.load_state_dict(content["arrays"].to_torch_state_dict())
 
 
+def _local(msg: Message, context: Context, split: str, images_key: str
+           ) -> tuple[int, torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """This node's id, its images of ``split`` and the global model the message carries."""
+    run = context.run_config
+    node, nodes = _node(context)
+    images, labels = task.partition(str(run["data-dir"]), split, node, nodes, int(run[images_key]), int(run["seed"]))
+    model = task.Net()
+    _load_global(model, msg.content)
+    return node, images, labels, model
+
+
 @app.train(mods=[secagg_if_configured, gradguard_unless_disabled])
 def train(msg: Message, context: Context) -> Message:
     run = context.run_config
-    node, nodes = _node(context)
-    images, labels = task.partition(str(run["data-dir"]), "train", node, nodes, int(run["client-images"]),
-                                    int(run["seed"]))
-    model = task.Net()
-    _load_global(model, msg.content)
+    node, images, labels, model = _local(msg, context, "train", "client-images")
     optimizer = torch.optim.Adam(model.parameters(), lr=float(run["lr"]))
     guard = None if run["defense"] == "none" else current_guard()
     if guard is not None:
@@ -84,12 +91,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Client-side evaluation of the global model on the node's own held-out images (val split)."""
-    run = context.run_config
-    node, nodes = _node(context)
-    images, labels = task.partition(str(run["data-dir"]), "val", node, nodes, int(run["eval-images"]),
-                                    int(run["seed"]))
-    model = task.Net()
-    _load_global(model, msg.content)
+    _, images, labels, model = _local(msg, context, "val", "eval-images")
     loss, accuracy = task.evaluate(model, images, labels)
     return Message(RecordDict({"metrics": MetricRecord({"eval-loss": loss, "eval-acc": accuracy,
                                                         "num-examples": len(labels)})}), reply_to=msg)

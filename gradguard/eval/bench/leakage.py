@@ -28,7 +28,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -69,10 +69,10 @@ def twin_spec(spec: Spec) -> Spec | None:
     if not issubclass(cls, GuardedDefense) or cls is UntargetedDefense or spec.name == "shadowdef":
         return None
     config = GuardConfig.preset(cls.preset, **spec.params)
-    base = GuardConfig.preset(UntargetedDefense.preset)
-    params = {name: getattr(config, name) for name in _NOISE_FIELDS if getattr(config, name) != getattr(base, name)}
     if config.mask_normalization != "rms":
         return None
+    base = GuardConfig.preset(UntargetedDefense.preset)
+    params = {name: getattr(config, name) for name in _NOISE_FIELDS if getattr(config, name) != getattr(base, name)}
     return Spec(UntargetedDefense.name, params)
 
 
@@ -90,6 +90,11 @@ def with_twins(defenses: Sequence[Spec]) -> list[tuple[Spec, str | None]]:
             if twin.label not in listed:
                 order.setdefault(twin.label, twin)
     return [(spec, twin_of.get(label)) for label, spec in order.items()]
+
+
+def _setting_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A defense's parameters without those that say how a run uses it, not what it does."""
+    return {k: v for k, v in params.items() if k not in ("seed", "share")}
 
 
 # ---------------------------------------------------------------------------- records
@@ -262,8 +267,8 @@ def known_noise_denoiser(experiment: Experiment, data: Data, setting: LeakageSet
     cls = DEFENSES[spec.name]
     if not issubclass(cls, GuardedDefense) or spec.name == "shadowdef":
         return None
-    params = {k: v for k, v in spec.params.items() if k not in ("seed", "share")}
-    config = GuardConfig.preset(cls.preset, **{"total_rounds": experiment.utility.rounds, **params})
+    config = GuardConfig.preset(cls.preset, **{"total_rounds": experiment.utility.rounds,
+                                                **_setting_params(spec.params)})
     noise = gradguard_noise(config, model=model, round=1, dataset_size=setting.images)
     denoiser = KnownNoiseDenoiser(DenoiserConfig(steps=experiment.denoiser_steps, device=experiment.device,
                                                  seed=derive_seed(0, data.train.name, setting.name, spec.label)))
@@ -375,7 +380,8 @@ def summarize(cells: Sequence[LeakageCell], runs: Sequence[dict[str, Any]],
               defenses: Sequence[tuple[Spec, str | None]]) -> list[SummaryRow]:
     """One row per (dataset, setting, defense) present in ``cells``."""
     rows = []
-    keys = sorted({(c.dataset, c.setting) for c in cells}, key=lambda k: (k[0], [c.setting for c in cells].index(k[1])))
+    setting_order = {s: i for i, s in enumerate(dict.fromkeys(c.setting for c in cells))}
+    keys = sorted({(c.dataset, c.setting) for c in cells}, key=lambda k: (k[0], setting_order[k[1]]))
     for dataset, setting in keys:
         undefended = [c.above_prior()["psnr"] for c in cells
                       if (c.dataset, c.setting, c.defense) == (dataset, setting, "none")]
@@ -412,7 +418,7 @@ def defense_key(name: str, params: dict[str, Any]) -> str:
     """What a defense setting does, whatever its spelling: GradGuard settings by the configuration
     they resolve to (``chest_xray`` is ``gradguard`` with the preset's fields), others by name and
     parameters; seeds and the share kind do not count."""
-    params = {k: v for k, v in params.items() if k not in ("seed", "share")}
+    params = _setting_params(params)
     cls = DEFENSES[name]
     if issubclass(cls, GuardedDefense):
         return "gradguard:" + json.dumps(GuardConfig.preset(cls.preset, **params).public_dict(), sort_keys=True,
