@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import math
 import secrets
 import weakref
 from collections.abc import Callable, Mapping
@@ -36,12 +37,14 @@ from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
 from gradguard import masks as mk
-from gradguard.config import GuardConfig
+from gradguard.calibration import bound
+from gradguard.calibration.probe import PROBE_MARGIN_DB, gradient_probe
+from gradguard.config import GuardConfig, derive_seed
 from gradguard.errors import ConfigError, GradGuardError, UnsupportedModelError, last_layer
 from gradguard.per_sample import HybridDP, epsilon, new_accountant, validate_per_sample
 from gradguard.relevance import LAYER_METHODS, attribution, gradcam_from, last_conv_layer, to_pixels
 from gradguard.shadow import Shadow, ShadowInputs, build_shadow
-from gradguard.update import ProtectedUpdate, snapshot, weight_delta
+from gradguard.update import LeakageEstimate, ProtectedUpdate, snapshot, weight_delta
 
 if TYPE_CHECKING:  # opacus is imported only when hybrid DP is used
     from opacus.accountants import IAccountant
@@ -79,6 +82,19 @@ class _RoundState:
     seen: set[str] = field(default_factory=set)
     batch_size: int = 0
     gradient: dict[str, torch.Tensor] | None = None  # update_kind="gradient": the first step's
+    plans: dict[str, _SamplePlan] = field(default_factory=dict)  # calibrated noise, per sample id
+    probe_db: float | None = None  # the honest server's probe on the round's first batch (worst sample)
+
+
+@dataclass(frozen=True)
+class _SamplePlan:
+    """A sample's calibrated noise for the round (one draw, reused at every view) and its estimate."""
+
+    amplitude: float
+    sigma: float  # amplitude x max |x|
+    seed: int
+    psnr_db: float
+    ssim_db: float
 
 
 @dataclass(frozen=True)
@@ -264,6 +280,10 @@ class GradGuard:
         self._batchnorms: list[nn.modules.batchnorm._BatchNorm] = []
         self._frozen_bn: list[tuple[float | None, torch.Tensor | None]] = []  # restored after the forward
         self._clean_pass = False
+        self._prior: torch.Tensor | None = None  # set_prior's image
+        self._prior_sum: torch.Tensor | None = None  # the sum and ids of every distinct image seen
+        self._prior_ids: set[str] = set()
+        self._probed: tuple[int, float] | None = None  # (round, worst dB) of the last probe
 
     # ------------------------------------------------------------------ checks
     def validate(self, model: Any, optimizer: Any, example_batch: Any = None, *, data_loader: Any = None,
@@ -542,6 +562,15 @@ class GradGuard:
         if self._dp is not None and state.dp_steps < state.steps:
             raise GradGuardError(f"{state.steps} protected steps but {state.dp_steps} DP-SGD steps were accounted, "
                                  "so no epsilon covers this update; fix: step only the optimizer wrap() returned")
+        leakage = self._leakage() if cfg.calibration.enabled else None
+        if leakage is not None and not leakage.met and cfg.calibration.on_target_missed == "raise":
+            missed = sum(p.psnr_db > leakage.target_db + 1e-6 for p in state.plans.values())
+            raise GradGuardError(
+                f"{missed} of the round's {leakage.samples} samples would leak up to "
+                f"{leakage.psnr_above_prior_max:.2f} dB above the prior at the most noise allowed (max_amplitude="
+                f"{cfg.calibration.max_amplitude}), over the target of {leakage.target_db} dB, so the update is not "
+                "returned; fix: a larger max_amplitude, a larger leakage_target_db, or on_target_missed='flag' to "
+                "send it flagged (update.leakage.met is False)")
         tensors = weight_delta(state.global_weights, model) if cfg.update_kind == "delta" else (state.gradient or {})
         update = ProtectedUpdate(
             tensors=tensors, kind=cfg.update_kind, num_samples=len(state.seen), num_steps=state.steps,
@@ -550,6 +579,7 @@ class GradGuard:
             epsilon=self.epsilon() if self._dp is not None else None,
             delta=cfg.dp.delta if self._dp is not None else None,
             metadata={"defense": "gradguard", "config": json.dumps(cfg.public_dict(), sort_keys=True)},
+            leakage=leakage,
         )
         self.round += 1
         self._state = _RoundState()
@@ -642,18 +672,20 @@ class GradGuard:
             self._shadow_dims = dims
         return self.shadow
 
-    def _noise_like(self, images: torch.Tensor) -> torch.Tensor:
-        """Unit-variance noise per pixel (or ones for ``kind="mask"``)."""
+    def _noise_like(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Unit-variance noise per pixel (or ones for ``kind="mask"``), from ``generator`` or the guard's."""
         kind = self.config.noise.kind
         if kind == "mask":
             return torch.ones_like(images)
-        if self._noise is None or self._noise.device != images.device:
-            self._noise = torch.Generator(device=images.device).manual_seed(self.seed)
+        if generator is None:
+            if self._noise is None or self._noise.device != images.device:
+                self._noise = torch.Generator(device=images.device).manual_seed(self.seed)
+            generator = self._noise
         if kind == "uniform":
             # Uniform on [-sqrt(3), sqrt(3)] has unit variance, like the Gaussian.
-            u = torch.rand(images.shape, generator=self._noise, device=images.device, dtype=images.dtype)
+            u = torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)
             return (2 * u - 1) * 3 ** 0.5
-        white = torch.randn(images.shape, generator=self._noise, device=images.device, dtype=images.dtype)
+        white = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
         if kind == "smooth":
             return mk.low_pass_noise(white, sigma=self.config.noise.smoothness)
         return white
@@ -676,7 +708,8 @@ class GradGuard:
 
     def explain(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> MaskExplanation:
         """The maps GradGuard would use for ``images`` now (a model called as ``model(images)``),
-        without changing any state."""
+        without changing any state. Under calibration, ``noised`` is the noise a leaking sample gets
+        (each image's prior: the mean of the batch's other images), the probe left out."""
         if self._model is None:
             raise RuntimeError("wrap() a model first")
         images = images.to(self._device)
@@ -689,8 +722,15 @@ class GradGuard:
         mask = self._mask(vulnerability, relevance)
         if created:
             self._state.global_loaded = False  # explain() must not pin this round's global model
-        return MaskExplanation(vulnerability.cpu(), relevance.cpu(), mask.cpu(),
-                               self.noised(images, mask).detach().cpu(), targets.cpu())
+        if self.config.calibration.enabled:
+            others = len(images) - 1
+            prior = (images.sum(dim=0, keepdim=True) - images) / others if others else self._flat_prior(images)
+            sigma = self._calibrated_sigma(images, prior)
+            noised = images + mk.per_sample(sigma, images) * mk.normalize(self._noise_like(images), "rms")
+        else:
+            noised = self.noised(images, mask)
+        return MaskExplanation(vulnerability.cpu(), relevance.cpu(), mask.cpu(), noised.detach().cpu(),
+                               targets.cpu())
 
     # ------------------------------------------------------------------ hooks
     def _set_dp_forward(self, inside: bool) -> None:
@@ -727,6 +767,19 @@ class GradGuard:
             raise ConfigError(f"wrap(dataset_size={self._dataset_size}) but this round trained on {len(state.seen)} "
                               "distinct samples (told apart by guard.set_sample_ids, else by content); fix: pass "
                               "the number of images the client trains on per round")
+        state.batch_size = max(state.batch_size, len(ids))
+        self._batch = (images.detach(), None)
+        if self.config.calibration.enabled:
+            noised = self._calibrated(images, ids, labels, call)
+        else:
+            noised = self._masked(images, ids, labels, call)
+        if self._batchnorms and self.config.bn_statistics == "clean":
+            self._clean_batchnorm_statistics(module, args, kwargs)
+        return call.with_images(noised)
+
+    def _masked(self, images: torch.Tensor, ids: list[str], labels: torch.Tensor | None, call: _Call
+                ) -> torch.Tensor:
+        """The fixed-amplitude rule: each sample noised through its mask, refreshed every k steps."""
         refresh_all = self.total_steps % self.config.masks.refresh_every == 0
         stale = [i for i, sid in enumerate(ids) if refresh_all or sid not in self.masks]
         if stale:
@@ -736,11 +789,134 @@ class GradGuard:
                                      [ids[i] for i in stale], None if labels is None else labels[stale], call, rows)
             self.masks.update([ids[i] for i in stale], self._mask(v, r), momentum=self.config.masks.momentum,
                               step=self.total_steps)
-        state.batch_size = max(state.batch_size, len(ids))
-        self._batch = (images.detach(), None)
-        if self._batchnorms and self.config.bn_statistics == "clean":
-            self._clean_batchnorm_statistics(module, args, kwargs)
-        return call.with_images(self.noised(images, self.masks.stack(ids, images)))
+        return self.noised(images, self.masks.stack(ids, images))
+
+    # ------------------------------------------------------------------ calibrated noise
+    def set_prior(self, image: torch.Tensor | None) -> None:
+        """The attacker's prior guess, e.g. the mean image of public data of the modality ([C, H, W]);
+        None (the default) uses the mean of the other images this guard has seen, or each image's
+        own mean intensity while it has seen no other. A poorer prior than the attacker's makes the
+        estimates higher, never lower."""
+        if image is not None and (not torch.is_tensor(image) or not image.is_floating_point()
+                                  or not bool(torch.isfinite(image).all())):
+            raise ConfigError("set_prior(image) takes a finite floating-point image [C, H, W] (or None)")
+        self._prior = None if image is None else image.detach()
+
+    def _observe(self, images: torch.Tensor, ids: list[str]) -> None:
+        fresh = [i for i, sid in enumerate(ids) if sid not in self._prior_ids]
+        if not fresh:
+            return
+        total = images[fresh].detach().double().sum(dim=0)
+        self._prior_sum = total if self._prior_sum is None else self._prior_sum.to(total.device) + total
+        self._prior_ids.update(ids[i] for i in fresh)
+
+    def _priors(self, images: torch.Tensor) -> torch.Tensor:
+        """Each image's prior: set_prior's, else the mean of the other images seen (leave-one-out)."""
+        if self._prior is not None:
+            if self._prior.shape != images.shape[1:]:
+                raise UnsupportedModelError(f"set_prior() gave an image of shape {list(self._prior.shape)} but the "
+                                            f"training images are {list(images.shape[1:])}")
+            return self._prior.to(images).expand_as(images)
+        others = len(self._prior_ids) - 1
+        if others < 1 or self._prior_sum is None:
+            return self._flat_prior(images)
+        return ((self._prior_sum.to(images.device)[None] - images.double()) / others).to(images.dtype)
+
+    @staticmethod
+    def _flat_prior(images: torch.Tensor) -> torch.Tensor:
+        """Each image's own mean intensity per channel: the prior while no other image is known."""
+        return images.mean(dim=tuple(range(2, images.ndim)), keepdim=True).expand_as(images)
+
+    def _calibrated_sigma(self, images: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """Per image, the least noise (std per pixel) whose bound meets the target, at most max_amplitude."""
+        cal, noise_cfg = self.config.calibration, self.config.noise
+        assert cal.leakage_target_db is not None
+        spectrum = bound.noise_spectrum(images, kind=noise_cfg.kind, smoothness=noise_cfg.smoothness)
+        scale = images.detach().flatten(1).abs().amax(dim=1).clamp_min(1e-12)
+        return bound.calibrate_sigma(images.detach(), prior, target_db=cal.leakage_target_db, spectrum=spectrum,
+                                     max_sigma=cal.max_amplitude * scale)
+
+    def _sample_noise(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """Unit-RMS noise per image from each sample's own seed: the same draw at every view."""
+        draws = []
+        for image, seed in zip(images, seeds):
+            generator = torch.Generator(device=images.device).manual_seed(seed)
+            draws.append(self._noise_like(image[None], generator))
+        return mk.normalize(torch.cat(draws), "rms")
+
+    def _probe(self, images: torch.Tensor, labels: torch.Tensor | None, call: _Call,
+               prior: torch.Tensor) -> float:
+        """The honest server's attack on the clean gradient of this batch at the global weights (dB, worst)."""
+        model = self._global_model().train()
+        forward = _Logits(model, call, None, self._logits)
+        try:
+            if labels is None:
+                with torch.no_grad():
+                    labels = forward(images).argmax(dim=1)
+            leak = gradient_probe(model, forward, images.detach(), labels.to(images.device), prior,
+                                  steps=self.config.calibration.probe_steps,
+                                  seed=derive_seed(self.seed, "probe", self.round))
+        finally:
+            model.eval()
+        return float(leak.max())
+
+    def _calibrated(self, images: torch.Tensor, ids: list[str], labels: torch.Tensor | None,
+                    call: _Call) -> torch.Tensor:
+        """Each sample plus its calibrated noise; planned when first seen in the round."""
+        cal, noise_cfg, state = self.config.calibration, self.config.noise, self._state
+        assert cal.leakage_target_db is not None
+        self._observe(images, ids)
+        new = [i for i, sid in enumerate(ids) if sid not in state.plans]
+        if new:
+            x = images[new].detach()
+            prior = self._priors(x)
+            if cal.threat == "honest_server" and state.probe_db is None:
+                if self._probed is None or self.round - self._probed[0] >= cal.probe_every \
+                        or self.round < self._probed[0]:
+                    self._probed = (self.round, self._probe(x, None if labels is None else labels[new], call, prior))
+                state.probe_db = self._probed[1]
+            probed = math.inf if cal.threat == "malicious_server" else (state.probe_db or 0.0) + PROBE_MARGIN_DB
+            spectrum = bound.noise_spectrum(x, kind=noise_cfg.kind, smoothness=noise_cfg.smoothness)
+            scale = x.flatten(1).abs().amax(dim=1).clamp_min(1e-12)
+            # The honest server recovers nothing (the probe and its margin are within the target): no noise.
+            quiet = probed <= cal.leakage_target_db
+            sigma = torch.zeros_like(scale) if quiet else self._calibrated_sigma(x, prior)
+            seeds = [derive_seed(self.seed, "noise", self.round, ids[i]) for i in new]
+            noised = x + mk.per_sample(sigma, x) * self._sample_noise(x, seeds)
+            psnr = bound.wiener_leakage_db(x, prior, sigma, spectrum=spectrum).clamp_max(probed)
+            estimate = bound.wiener_estimate(noised, x, prior, sigma, spectrum=spectrum) if x.ndim == 4 else None
+            ssim = self._ssim_above(x, prior, estimate)
+            for j, i in enumerate(new):
+                state.plans[ids[i]] = _SamplePlan(amplitude=float(sigma[j] / scale[j]), sigma=float(sigma[j]),
+                                                  seed=seeds[j], psnr_db=float(psnr[j]), ssim_db=float(ssim[j]))
+        plans = [state.plans[sid] for sid in ids]
+        sigma = torch.tensor([p.sigma for p in plans], device=images.device, dtype=images.dtype)
+        return images + mk.per_sample(sigma, images) * self._sample_noise(images, [p.seed for p in plans])
+
+    @staticmethod
+    def _ssim_above(images: torch.Tensor, prior: torch.Tensor, estimate: torch.Tensor | None) -> torch.Tensor:
+        """SSIM of the bound's estimate minus the prior's (NaN for volumes, which SSIM here does not cover)."""
+        if estimate is None:
+            return torch.full((len(images),), math.nan)
+        flat = images.flatten(1)
+        data_range = (flat.amax(dim=1) - flat.amin(dim=1)).clamp_min(1e-12)
+        return (bound.ssim(estimate, images, data_range=data_range)
+                - bound.ssim(prior, images, data_range=data_range)).cpu()
+
+    def _leakage(self) -> LeakageEstimate:
+        cal, plans = self.config.calibration, list(self._state.plans.values())
+        assert cal.leakage_target_db is not None
+        psnr = [p.psnr_db for p in plans]
+        ssim = [p.ssim_db for p in plans if not math.isnan(p.ssim_db)] or [math.nan]
+        amplitude = [p.amplitude for p in plans]
+        estimators = ("noised_input_bound",) + (("gradient_probe",) if cal.threat == "honest_server" else ())
+        return LeakageEstimate(
+            threat=cal.threat, estimators=estimators, target_db=cal.leakage_target_db,
+            psnr_above_prior_max=max(psnr), psnr_above_prior_mean=sum(psnr) / len(psnr),
+            ssim_above_prior_max=max(ssim), ssim_above_prior_mean=sum(ssim) / len(ssim),
+            amplitude_max=max(amplitude), amplitude_mean=sum(amplitude) / len(amplitude), samples=len(plans),
+            noised_samples=sum(a > 0 for a in amplitude),
+            met=max(psnr) <= cal.leakage_target_db + 1e-6)
 
     def _clean_batchnorm_statistics(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Running statistics from the clean batch; the noised forward then leaves them alone.

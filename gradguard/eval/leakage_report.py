@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 SUMMARY_KEYS = ("dataset", "setting", "defense", "twin_of", "attacks", "psnr_above_prior", "ssim_above_prior",
                 "lpips", "reid_top1", "reid_chance", "micro_f1", "macro_f1", "f1_seeds", "energy_ratio",
                 "undefended_psnr_above_prior")
+# What every GradGuard row adds: its input-noise energy and how often its own estimate was conservative.
+GRADGUARD_KEYS = ("noise_energy", "report_conservative_rate")
 GRID_IMAGES = 4
 
 
@@ -189,7 +191,7 @@ def write_leakage_report(*, experiment: Experiment, cells: Sequence[LeakageCell]
 
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    summary = [{k: getattr(r, k) for k in SUMMARY_KEYS} for r in rows]
+    summary = [{k: getattr(r, k) for k in SUMMARY_KEYS + (GRADGUARD_KEYS if r.gradguard else ())} for r in rows]
     results = {"command": command, "experiment": experiment.source, "seconds": seconds,
                "settings": [dataclasses.asdict(s) for s in experiment.settings],
                "utility": experiment.utility.fingerprint(), "utility_seeds": list(experiment.utility.seeds),

@@ -147,7 +147,7 @@ def test_any_floating_dtype_channels_last_and_3d_volumes(layout):
     if layout == "channels_last":
         model, images = model.to(memory_format=torch.channels_last), images.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    guard = GradGuard(GuardConfig(shadow_train_every=1))
+    guard = GradGuard(GuardConfig.preset("targeted", shadow_train_every=1))
     guard.wrap(model.train(), optimizer, example_batch=images)
     for _ in range(2):
         step(model, optimizer, images, torch.tensor([0, 1, 0, 1]))
@@ -173,7 +173,7 @@ def test_gradcam_matches_captums():
 def _trained_guard(images, labels, config=None):
     model = SmallCNN(1, 2, width=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    guard = GradGuard(config or GuardConfig(shadow_train_every=1, seed=0))
+    guard = GradGuard(config or GuardConfig.preset("targeted", shadow_train_every=1, seed=0))
     guard.wrap(model.train(), optimizer)
     for s in range(2):
         step(model, optimizer, images[4 * s:4 * s + 4], labels[4 * s:4 * s + 4])
@@ -187,11 +187,11 @@ def test_state_dict_round_trips_through_safetensors_and_the_shadow_loads_into_a_
     state = guard.state_dict()
     assert all(torch.is_tensor(v) for v in state.values())
     restored = safetensors.torch.load(safetensors.torch.save(state))
-    fresh = GradGuard(GuardConfig(shadow_train_every=1, seed=0))
+    fresh = GradGuard(GuardConfig.preset("targeted", shadow_train_every=1, seed=0))
     fresh.load_state_dict(restored)
     assert (fresh.round, fresh.total_steps, len(fresh.masks)) == (1, 2, 8)
     # Only the shadow, handed to a new guard: its error maps are the trained shadow's.
-    pretrained = GradGuard(GuardConfig(seed=1))
+    pretrained = GradGuard(GuardConfig.preset("targeted", seed=1))
     pretrained.load_state_dict({k: v for k, v in state.items() if k.startswith("shadow.")})
     clone = copy.deepcopy(model)
     pretrained.wrap(clone, torch.optim.SGD(clone.parameters(), lr=0.1))
@@ -208,7 +208,7 @@ def test_flower_state_is_safetensors_not_pickle(chest_batch):
     guard, _ = _trained_guard(images, labels)
     data = _save_guard(guard)
     assert safetensors.torch.load(data).keys() == guard.state_dict().keys()
-    other = GradGuard(GuardConfig(shadow_train_every=1, seed=0))
+    other = GradGuard(GuardConfig.preset("targeted", shadow_train_every=1, seed=0))
     _restore_guard(other, data)
     assert other.masks.masks.keys() == guard.masks.masks.keys()
 
@@ -217,7 +217,7 @@ def test_gradient_update_is_the_gradient_at_the_rounds_start_weights(chest_batch
     images, labels = chest_batch
     model = SmallCNN(1, 2, width=8, norm="group").train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    guard = GradGuard(GuardConfig(update_kind="gradient", noise_kind="mask", seed=0))
+    guard = GradGuard(GuardConfig.preset("targeted", update_kind="gradient", noise_kind="mask", seed=0))
     guard.wrap(model, optimizer)
     start = copy.deepcopy(model)  # GroupNorm: eval mode computes what train mode does, without the hooks
     seen = []

@@ -12,6 +12,11 @@ from gradguard.guard import _GUARDS
 from gradguard.masks import combine
 
 
+def targeted(**fields):
+    """The fixed-amplitude masks these tests exercise (the default calibrates instead)."""
+    return GuardConfig.preset("targeted", **fields)
+
+
 def train(model, optimizer, images, labels, steps=3, batch=4):
     model.train()
     for s in range(steps):
@@ -32,7 +37,7 @@ def test_two_line_quickstart(chest_batch):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     start = copy.deepcopy(model.state_dict())
     # --- the README's quick start ---
-    guard = GradGuard(GuardConfig(refresh_every=2), client_id="hospital-a")
+    guard = GradGuard(targeted(refresh_every=2), client_id="hospital-a")
     model, optimizer = guard.wrap(model, optimizer)
     # --------------------------------
     train(model, optimizer, images, labels, steps=3)
@@ -52,7 +57,7 @@ def test_noise_only_in_training_forward(chest_batch):
     images, _ = chest_batch
     model = SmallCNN(1, 2, width=8)
     reference = copy.deepcopy(model)
-    guard = GradGuard(GuardConfig(noise_amplitude=0.3, noise_kind="gaussian", seed=0))
+    guard = GradGuard(targeted(noise_amplitude=0.3, noise_kind="gaussian", seed=0))
     model, _ = guard.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
     model.eval(), reference.eval()
     torch.testing.assert_close(model(images[:4]), reference(images[:4]))
@@ -71,7 +76,7 @@ def test_batch_exponent_spends_the_noise_on_small_batches(chest_batch):
     images, _ = chest_batch
     model = SmallCNN(1, 2, width=8)
     # noise_kind="mask" adds w * max|x| * M with RMS(M) = 1, so the added RMS is exactly the amplitude
-    guard = GradGuard(GuardConfig(noise_amplitude=0.4, noise_kind="mask", batch_exponent=0.5, seed=0))
+    guard = GradGuard(targeted(noise_amplitude=0.4, noise_kind="mask", batch_exponent=0.5, seed=0))
     model, _ = guard.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
     seen = []
     model.features[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
@@ -86,7 +91,7 @@ def test_update_exponent_spends_the_noise_on_clients_that_share_few_images(chest
     images, labels = chest_batch
     model = SmallCNN(1, 2, width=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    config = GuardConfig(noise_amplitude=0.4, noise_kind="mask", batch_exponent=0.5, update_exponent=0.5, seed=0)
+    config = targeted(noise_amplitude=0.4, noise_kind="mask", batch_exponent=0.5, update_exponent=0.5, seed=0)
     seen = []
     model.features[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
     model.train()
@@ -110,12 +115,12 @@ def test_rewrapping_is_safe_and_cleanup_removes_every_hook(chest_batch):
     images, labels = chest_batch
     model = SmallCNN(1, 2, width=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    first = GradGuard(GuardConfig(refresh_every=1))
+    first = GradGuard(targeted(refresh_every=1))
     first.wrap(model, optimizer)
     train(model, optimizer, images, labels, steps=2)
     first.protected_update()
     first.wrap(model, optimizer)  # the same guard again
-    second = GradGuard(GuardConfig(refresh_every=1))
+    second = GradGuard(targeted(refresh_every=1))
     second.wrap(model, optimizer)  # a new guard next round takes over
     assert len(model._forward_pre_hooks) == 1
     assert len(model.classifier._forward_hooks) == 1
@@ -136,7 +141,7 @@ def test_deterministic_under_a_seed(chest_batch):
         torch.manual_seed(0)
         model = SmallCNN(1, 2, width=8)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        guard = GradGuard(GuardConfig(seed=seed, refresh_every=1))
+        guard = GradGuard(targeted(seed=seed, refresh_every=1))
         guard.wrap(model, optimizer)
         train(model, optimizer, images, labels, steps=2)
         return guard.protected_update(), guard
@@ -153,7 +158,7 @@ def test_masks_follow_shadow_error_and_avoid_relevance(chest_batch):
     images, labels = chest_batch
     model = SmallCNN(1, 2, width=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    guard = GradGuard(GuardConfig(relevance_weight_min=0.9, relevance_weight_max=0.9))
+    guard = GradGuard(targeted(relevance_weight_min=0.9, relevance_weight_max=0.9))
     guard.wrap(model, optimizer)
     train(model, optimizer, images, labels, steps=4)
     explained = guard.explain(images[:8], labels[:8])
@@ -174,7 +179,7 @@ def test_relevance_explains_the_label_or_the_prediction(chest_batch, relevance_c
     model = SmallCNN(1, 2, width=8).eval()
     predicted = model(images[:8]).argmax(1)
     flipped = 1 - predicted  # labels that disagree with the model everywhere
-    guard = GradGuard(GuardConfig(relevance_class=relevance_class, shadow="none"))
+    guard = GradGuard(targeted(relevance_class=relevance_class, shadow="none"))
     guard.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
     explained = guard.explain(images[:8], flipped)
     expected = flipped if relevance_class == "label" else predicted
@@ -196,14 +201,14 @@ def test_resnet18_with_batchnorm(chest_batch):
 def test_unsupported_layers_are_named_with_the_fix():
     no_head = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(UnsupportedModelError, match="nn.Linear.*fix"):
-        GradGuard().wrap(no_head, torch.optim.SGD(no_head.parameters(), lr=0.1))
+        GradGuard(targeted()).wrap(no_head, torch.optim.SGD(no_head.parameters(), lr=0.1))
     model = SmallCNN(1, 2, width=8, norm="batch")
     dp = GradGuard(GuardConfig(dp_noise_multiplier=1.0))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(16, 1, 8, 8)), batch_size=4)
     with pytest.raises(UnsupportedModelError, match=r"features\.1 \(BatchNorm2d\)(.|\n)*ModuleValidator\.fix"):
         dp.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader)
     vector_model = nn.Sequential(nn.Linear(8, 2))
-    guard = GradGuard(GuardConfig(relevance_method="saliency"))
+    guard = GradGuard(targeted(relevance_method="saliency"))
     guard.wrap(vector_model, torch.optim.SGD(vector_model.parameters(), lr=0.1))
     with pytest.raises(UnsupportedModelError, match=r"\[N, C, H, W\] or volumes"):
         vector_model(torch.randn(3, 8))
@@ -213,7 +218,7 @@ def test_gradient_update_kind(chest_batch):
     images, labels = chest_batch
     model = SmallCNN(1, 2, width=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    guard = GradGuard(GuardConfig(update_kind="gradient"))
+    guard = GradGuard(targeted(update_kind="gradient"))
     guard.wrap(model, optimizer)
     train(model, optimizer, images, labels, steps=1)
     update = guard.protected_update()
@@ -241,7 +246,7 @@ def test_noise_seed_is_secret_by_default_and_never_shared(chest_batch):
         torch.manual_seed(0)
         model = SmallCNN(1, 2, width=8)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        guard = GradGuard(GuardConfig())  # no seed given
+        guard = GradGuard(targeted())  # no seed given
         guard.wrap(model, optimizer)
         train(model, optimizer, images, labels, steps=1)
         updates.append(guard.protected_update())
@@ -257,7 +262,7 @@ def test_batchnorm_statistics_follow_the_configured_inputs(chest_batch, mode):
     model = SmallCNN(1, 2, width=8)
     reference = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: only BN buffers move
-    guard = GradGuard(GuardConfig(noise_amplitude=0.5, bn_statistics=mode, seed=0))
+    guard = GradGuard(targeted(noise_amplitude=0.5, bn_statistics=mode, seed=0))
     guard.wrap(model, optimizer)
     train(model, optimizer, images, labels, steps=2)
     reference.train()

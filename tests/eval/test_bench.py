@@ -146,11 +146,11 @@ def test_the_modality_presets_are_the_settings_the_full_benchmark_measured():
 
     paper = load_federation(Path(__file__).resolve().parents[2] / "benchmarks" / "experiments" / "paper.toml")
     assert len(paper.defenses) == 28 and paper.seeds == (0, 1, 2, 3, 4)
-    measured = {spec.label: spec for spec in paper.defenses if spec.name == "gradguard"}
-    for preset, label in (("chest_xray", "gradguard(noise_amplitude=0.9,relevance_class=predicted,update_exponent=0.5,"
+    measured = {spec.label: spec for spec in paper.defenses if spec.name == "targeted"}
+    for preset, label in (("chest_xray", "targeted(noise_amplitude=0.9,relevance_class=predicted,update_exponent=0.5,"
                                          "vulnerability_temperature=1.0)"),
-                          ("fundus", "gradguard(mask_floor=0.7,noise_amplitude=1.0,update_exponent=0.5)")):
-        assert GuardConfig.preset(preset) == GuardConfig.preset("default", **measured[label].params)
+                          ("fundus", "targeted(mask_floor=0.7,noise_amplitude=1.0,update_exponent=0.5)")):
+        assert GuardConfig.preset(preset) == GuardConfig.preset("targeted", **measured[label].params)
 
 
 def test_fedavg_adds_the_sample_weighted_mean_delta_and_keeps_integer_buffers():

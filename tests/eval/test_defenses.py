@@ -253,7 +253,7 @@ def test_per_sample_gradients_refuse_train_mode():
     assert isinstance(build_defense("dpsgd"), DPSGD)
 
 
-@pytest.mark.parametrize("name", ["untargeted", "gradguard"])
+@pytest.mark.parametrize("name", ["untargeted", "targeted"])
 def test_guarded_defenses_drive_gradguards_public_api_and_keep_masks_across_rounds(name):
     model, batches = _model(), _batches()
     ids = [f"s{i}" for i in range(8)]

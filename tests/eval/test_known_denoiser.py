@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from gradguard.calibration import bound
 from gradguard import GradGuard, GuardConfig
 from gradguard.eval.adaptive import adaptive_variants, denoise
 from gradguard.eval.datasets import load_medmnist
@@ -34,10 +35,11 @@ def _held_out(noise_fn: NoiseFn) -> tuple[Tensor, Tensor]:
 
 @pytest.mark.parametrize("kind, margin_db", [
     ("gaussian", 0.5),   # sigma 0.1: measured TV 27.9 dB, denoiser 29.0 dB
-    ("gradguard", 3.0),  # the default config's smooth noise: TV 14.2 dB (noised 13.9), denoiser 20.4 dB
+    ("targeted", 3.0),  # the targeted preset's smooth noise: TV 14.2 dB (noised 13.9), denoiser 20.4 dB
 ])
 def test_known_noise_denoiser_beats_tv_on_held_out_public_images(kind: str, margin_db: float) -> None:
-    noise_fn = gaussian_noise(0.1) if kind == "gaussian" else gradguard_noise(GuardConfig(), model=_model())
+    noise_fn = gaussian_noise(0.1) if kind == "gaussian" else gradguard_noise(GuardConfig.preset("targeted"),
+                                                                                     model=_model())
     clean, noised = _held_out(noise_fn)
     denoiser = KnownNoiseDenoiser(TEST_CONFIG).fit(load_medmnist("pneumoniamnist", "val").images, noise_fn)
     learned = psnr(denoiser.apply(noised), clean).mean().item()
@@ -50,7 +52,7 @@ def test_known_noise_denoiser_beats_tv_on_held_out_public_images(kind: str, marg
 def test_gradguard_noise_is_the_defense_s_own_and_fresh_per_seed() -> None:
     """The same amplitude as the guard's noise (RMS within 5%), new noise for every seed."""
     clean = load_medmnist("pneumoniamnist", "val").images[:8]
-    config = GuardConfig(noise_kind="gaussian", shadow="none", relevance_method="none", mask_floor=1.0)
+    config = GuardConfig(noise_kind="gaussian", mask_floor=1.0, leakage_target_db=None)
     noise_fn = gradguard_noise(config, model=_model())
     first = noise_fn(clean, torch.Generator().manual_seed(0)) - clean
     second = noise_fn(clean, torch.Generator().manual_seed(1)) - clean
@@ -59,6 +61,13 @@ def test_gradguard_noise_is_the_defense_s_own_and_fresh_per_seed() -> None:
     torch.testing.assert_close(first.flatten(1).std(dim=1), expected, rtol=0.05, atol=0.0)
     assert not torch.allclose(first, second)
     torch.testing.assert_close(noise_fn(clean, torch.Generator().manual_seed(0)) - clean, first)
+    # Calibrated: each image gets the least noise whose bound meets the target, its prior the batch's others.
+    calibrated = gradguard_noise(GuardConfig(noise_kind="gaussian"), model=_model())
+    noise = calibrated(clean, torch.Generator().manual_seed(0)) - clean
+    spectrum = bound.noise_spectrum(clean, kind="gaussian", smoothness=1.5)
+    sigma = bound.calibrate_sigma(clean, (clean.sum(dim=0, keepdim=True) - clean) / 7, target_db=1.0,
+                                  spectrum=spectrum, max_sigma=3 * clean.flatten(1).abs().amax(dim=1))
+    torch.testing.assert_close(noise.flatten(1).pow(2).mean(dim=1).sqrt(), sigma, rtol=1e-4, atol=0.0)
 
 
 def test_the_noise_model_is_read_from_a_guard_s_update() -> None:

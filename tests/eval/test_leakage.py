@@ -13,7 +13,7 @@ from gradguard.eval.bench.experiment import ExperimentError, load_experiment
 from gradguard.eval.bench.leakage import (LeakageCell, VariantScore, noise_energy, run_leakage, sign_test, twin_spec,
                                           with_twins)
 from gradguard.eval.bench.spec import Spec
-from gradguard.eval.leakage_report import SUMMARY_KEYS
+from gradguard.eval.leakage_report import GRADGUARD_KEYS, SUMMARY_KEYS
 from gradguard.eval.metrics import (LPIPSMetric, above_prior, leakage, prior_guesses, reidentification,
                                     reidentification_chance, strongest_prior)
 
@@ -78,13 +78,13 @@ def test_a_cell_scores_the_strongest_of_every_attack_per_metric():
 def test_every_gradguard_setting_gets_its_equal_energy_twin():
     twin = twin_spec(Spec("chest_xray"))
     assert twin == Spec("untargeted", {"noise_amplitude": 0.9, "update_exponent": 0.5})
-    assert twin_spec(Spec("gradguard", {"mask_floor": 0.7, "noise_amplitude": 0.5})) == Spec(
+    assert twin_spec(Spec("targeted", {"mask_floor": 0.7, "noise_amplitude": 0.5})) == Spec(
         "untargeted", {"noise_amplitude": 0.5})
     assert twin_spec(Spec("untargeted")) is None and twin_spec(Spec("shadowdef")) is None
     assert twin_spec(Spec("gaussian", {"sigma0": 0.1})) is None
-    listed = with_twins([Spec("none"), Spec("gradguard"), Spec("untargeted"), Spec("fundus")])
+    listed = with_twins([Spec("none"), Spec("targeted"), Spec("untargeted"), Spec("fundus")])
     assert [(s.label, of) for s, of in listed] == [
-        ("none", None), ("gradguard", None), ("untargeted", "gradguard"), ("fundus", None),
+        ("none", None), ("targeted", None), ("untargeted", "targeted"), ("fundus", None),
         ("untargeted(noise_amplitude=1.0,update_exponent=0.5)", "fundus")]
 
 
@@ -167,7 +167,8 @@ def test_a_small_experiment_runs_end_to_end_and_resumes(tmp_path):
     outcome = run_leakage(load_experiment(path, progress=False), out)
     assert (outcome.trained, outcome.attacked) == (3, 3)  # none, chest_xray and its twin
     summary = json.loads((out / "summary.json").read_text())
-    assert [tuple(sorted(row)) for row in summary] == [tuple(sorted(SUMMARY_KEYS))] * 3
+    guarded = tuple(sorted(SUMMARY_KEYS + GRADGUARD_KEYS))
+    assert [tuple(sorted(row)) for row in summary] == [tuple(sorted(SUMMARY_KEYS)), guarded, guarded]
     rows = {row["defense"]: row for row in summary}
     twin = "untargeted(noise_amplitude=0.9,update_exponent=0.5)"
     assert rows[twin]["twin_of"] == "chest_xray" and rows["none"]["twin_of"] is None
@@ -227,7 +228,7 @@ def test_utility_comes_from_measured_runs_of_the_same_setting_whatever_its_spell
 
     p1u = {"noise_amplitude": 0.9, "relevance_class": "predicted", "update_exponent": 0.5,
            "vulnerability_temperature": 1.0}
-    assert defense_key("chest_xray", {}) == defense_key("gradguard", p1u) != defense_key("gradguard", {})
+    assert defense_key("chest_xray", {}) == defense_key("targeted", p1u) != defense_key("targeted", {})
     assert defense_key("dpsgd", {"noise_multiplier": 0.1, "max_grad_norm": 5}) == defense_key(
         "dpsgd", {"max_grad_norm": 5, "noise_multiplier": 0.1, "seed": 3})
 
@@ -235,10 +236,10 @@ def test_utility_comes_from_measured_runs_of_the_same_setting_whatever_its_spell
         return {"dataset": "d", "defense": "x", "defense_name": defense, "defense_params": params, "seed": seed,
                 "micro_f1": f1, "macro_f1": f1, "collapsed": False}
     five = tmp_path / "five.json"
-    five.write_text(json.dumps({"runs": [run("gradguard", p1u, s, 0.8) for s in range(5)]
+    five.write_text(json.dumps({"runs": [run("targeted", p1u, s, 0.8) for s in range(5)]
                                 + [run("none", {}, s, 0.9) for s in range(5)]}))
     twenty = tmp_path / "twenty.json"
-    twenty.write_text(json.dumps({"runs": [run("gradguard", p1u, s, 0.7) for s in range(20)]}))
+    twenty.write_text(json.dumps({"runs": [run("targeted", p1u, s, 0.7) for s in range(20)]}))
     runs = measured_runs([five, twenty], ["d"], [(Spec("none"), None), (Spec("chest_xray"), None),
                                                  (Spec("fundus"), None)])
     assert [(r["defense"], r["micro_f1"]) for r in runs] == [("none", 0.9)] * 5 + [("chest_xray", 0.7)] * 20
@@ -276,11 +277,10 @@ def test_the_twin_of_a_setting_injects_the_same_energy_on_a_fixed_batch(chest):
 
     images = chest[0][:8]
     energies = {}
-    for spec in (Spec("chest_xray"), Spec("fundus"), Spec("gradguard")):
+    for spec in (Spec("chest_xray"), Spec("fundus"), Spec("targeted")):
         twin = twin_spec(spec)
         for which in (spec, twin):
-            preset = "untargeted" if which.name == "untargeted" else ("default" if which.name == "gradguard"
-                                                                      else which.name)
+            preset = which.name
             guard = GradGuard(GuardConfig.preset(preset, seed=7, **which.params))
             model = ConvNet(1, 2)
             guard.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), dataset_size=8)

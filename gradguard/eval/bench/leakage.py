@@ -69,7 +69,7 @@ def twin_spec(spec: Spec) -> Spec | None:
     if not issubclass(cls, GuardedDefense) or cls is UntargetedDefense or spec.name == "shadowdef":
         return None
     config = GuardConfig.preset(cls.preset, **spec.params)
-    if config.mask_normalization != "rms":
+    if config.mask_normalization != "rms" or config.calibration.enabled:  # calibrated noise is untargeted already
         return None
     base = GuardConfig.preset(UntargetedDefense.preset)
     params = {name: getattr(config, name) for name in _NOISE_FIELDS if getattr(config, name) != getattr(base, name)}
@@ -117,6 +117,8 @@ class LeakageCell:
     with the highest PSNR). scores: every attack in every variant. reid_top1: re-identification
     by the attack whose reconstruction scored the highest PSNR. noise_energy: the mean squared
     input noise per image, relative to the image's mean square (0 for update-space defenses).
+    estimated_psnr_above_prior: the defense's own leakage estimate for the update, worst sample
+    (calibrated GradGuard only; None otherwise).
     """
 
     dataset: str
@@ -135,6 +137,7 @@ class LeakageCell:
     attack_seconds: float
     images: str = ""
     format: int = _CELL_FORMAT
+    estimated_psnr_above_prior: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LeakageCell":
@@ -175,6 +178,8 @@ class SummaryRow:
     noise_energy: float = 0.0
     collapsed_runs: int = 0
     updates: int = 0
+    report_conservative_rate: float | None = None
+    gradguard: bool = False  # a GradGuard setting (its summary row adds noise_energy and report_conservative_rate)
 
 
 # ---------------------------------------------------------------------------- one cell
@@ -342,10 +347,22 @@ def _attack(experiment: Experiment, data: Data, setting: LeakageSetting, spec: S
                        prior={k.removesuffix("_best"): v for k, v in prior.items() if k.endswith("_best")},
                        scores=scores, reid_top1=reidentification(best[1], originals, distractors),
                        reid_chance=reidentification_chance(len(originals), len(distractors)),
-                       noise_energy=energy, epsilon=update.epsilon, attack_seconds=seconds)
+                       noise_energy=energy, epsilon=update.epsilon, attack_seconds=seconds,
+                       estimated_psnr_above_prior=None if update.leakage is None
+                       else update.leakage.psnr_above_prior_max)
 
 
 # ---------------------------------------------------------------------------- summary
+def conservative_rate(cells: Sequence[LeakageCell]) -> float | None:
+    """The fraction of attacked updates whose own leakage estimate is at least the strongest
+    attack's PSNR above the prior minus 1 dB (None when no update carried an estimate)."""
+    estimated = [c for c in cells if c.estimated_psnr_above_prior is not None]
+    if not estimated:
+        return None
+    return float(np.mean([c.estimated_psnr_above_prior >= c.above_prior()["psnr"] - 1.0  # type: ignore[operator]
+                          for c in estimated]))
+
+
 def sign_test(differences: Sequence[float]) -> float:
     """Two-sided exact sign test p-value of ``differences`` against a median of 0 (ties dropped)."""
     pos, neg = sum(d > 0 for d in differences), sum(d < 0 for d in differences)
@@ -406,7 +423,9 @@ def summarize(cells: Sequence[LeakageCell], runs: Sequence[dict[str, Any]],
                 f1_seeds=len(utility), energy_ratio=energy_ratio,
                 undefended_psnr_above_prior=float(np.mean(undefended)) if undefended else None,
                 noise_energy=float(np.mean([c.noise_energy for c in mine])),
-                collapsed_runs=sum(bool(r["collapsed"]) for r in utility), updates=len(mine)))
+                collapsed_runs=sum(bool(r["collapsed"]) for r in utility), updates=len(mine),
+                report_conservative_rate=conservative_rate(mine),
+                gradguard=issubclass(DEFENSES[spec.name], GuardedDefense)))
     return rows
 
 

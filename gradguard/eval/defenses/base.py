@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from gradguard.eval.attacks.observation import MODEL_MODE_KEY
 from gradguard.registry import Registry
-from gradguard.update import ProtectedUpdate, UpdateKind, snapshot, weight_delta
+from gradguard.update import LeakageEstimate, ProtectedUpdate, UpdateKind, snapshot, weight_delta
 
 Batch = tuple[Tensor, Tensor]
 BatchHook = Callable[[int, Tensor, Tensor], None]
@@ -143,7 +143,13 @@ class Defense(ABC):
             epsilon=epsilon, delta=self.delta,
             metadata={"defense": self.name, "params": json.dumps(self._params, sort_keys=True, default=str),
                       MODEL_MODE_KEY: self.model_mode},
+            leakage=self.leakage.get(client_id),
         )
+
+    @property
+    def leakage(self) -> dict[str, LeakageEstimate]:
+        """Per client, the leakage estimate of its last update (defenses that estimate one)."""
+        return {}
 
     def _train(self, model: nn.Module, batches: list[Batch], context: LocalRound) -> dict[str, Tensor]:
         """Train ``model`` (a private copy, in train mode) and return the raw shared tensors."""

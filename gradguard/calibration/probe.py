@@ -1,0 +1,84 @@
+"""The honest server's attack, run by the client on its own clean gradient: does this update leak at all?
+
+The noised-input bound (:mod:`gradguard.calibration.bound`) holds against every attacker, but at
+zero noise it says "exact recovery", which is what a malicious server's imprint module achieves,
+not what an honest server inverting a gradient of many images does. Under the honest server the
+client therefore first attacks its own round as that server would: a short Inverting-Gradients
+attack (cosine gradient matching with total variation, Geiping et al. 2020) on the clean gradient
+of the round's first batch at the global weights, started from the prior and scored against the
+true images it holds. A single step's gradient leaks more than a delta over several steps, so one
+batch's gradient is the worst case of the round; a short attack leaks less than a long one, which
+the margin (:data:`PROBE_MARGIN_DB`) covers.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A round counts as leaking when the probe comes within this much of the target: the benchmark's
+# threshold below which an undefended setting "has no leakage to defend".
+PROBE_MARGIN_DB = 3.0
+_TV_WEIGHT = 1e-4
+
+
+def _gradient(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+              labels: torch.Tensor, *, create_graph: bool) -> list[torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = F.cross_entropy(forward(images), labels)
+    return list(torch.autograd.grad(loss, params, create_graph=create_graph))
+
+
+def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([(t * t).sum() for t in tensors]).sum()
+
+
+def _total_variation(x: torch.Tensor) -> torch.Tensor:
+    return sum((x.diff(dim=d).abs().mean() for d in range(2, x.ndim)), start=x.new_zeros(()))
+
+
+def above_prior_db(estimates: torch.Tensor, images: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """10 log10(MSE(prior) / MSE(best estimate)) per true image [N]; the best of all the estimates,
+    since an attack's images need not come out in the batch's order."""
+    prior_error = (prior - images).flatten(1).pow(2).mean(dim=1)
+    errors = torch.cdist(images.flatten(1).double(), estimates.flatten(1).double()).pow(2) / images[0].numel()
+    return 10 * torch.log10(prior_error.double().clamp_min(1e-20) / errors.min(dim=1).values.clamp_min(1e-20))
+
+
+def gradient_probe(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                   labels: torch.Tensor, prior: torch.Tensor, *, steps: int, seed: int) -> torch.Tensor:
+    """Leakage above ``prior`` in dB per image [N] of a ``steps``-step gradient-inversion attack
+    on the gradient of ``images`` (classes ``labels``, which iDLG recovers) at ``model``'s weights.
+
+    ``forward`` maps images to logits through ``model``; its parameters' gradients are what the
+    attack matches. The model is left as it was (buffers included).
+    """
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    try:
+        with torch.enable_grad():
+            target = [g.detach() for g in _gradient(model, forward, images.detach(), labels, create_graph=False)]
+            target_norm = _squared_norm(target).sqrt()
+            generator = torch.Generator(device=images.device).manual_seed(seed)
+            guess = (prior + 0.01 * torch.randn(images.shape, generator=generator, device=images.device,
+                                                 dtype=images.dtype)).requires_grad_(True)
+            optimizer = torch.optim.Adam([guess], lr=0.1)
+            schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[steps // 2, 3 * steps // 4],
+                                                            gamma=0.1)
+            for _ in range(steps):
+                optimizer.zero_grad()
+                grads = _gradient(model, forward, guess, labels, create_graph=True)
+                dot = torch.stack([(g * t).sum() for g, t in zip(grads, target)]).sum()
+                norm = _squared_norm(grads).sqrt().clamp_min(1e-12)
+                loss = 1 - dot / (norm * target_norm.clamp_min(1e-12)) + _TV_WEIGHT * _total_variation(guess)
+                (step,) = torch.autograd.grad(loss, [guess])
+                guess.grad = step.sign()  # signed gradients, as Inverting Gradients uses
+                optimizer.step()
+                schedule.step()
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        model.zero_grad(set_to_none=True)
+    return above_prior_db(guess.detach(), images, prior)
