@@ -38,6 +38,7 @@ from gradguard.update import ProtectedUpdate
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_SUBMIT_UPDATE = "/gradguard.v1.Aggregator/SubmitUpdate"
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,9 @@ class AggregatorClient:
         else:
             self._channel = grpc.secure_channel(address, tls.credentials(), options=options + tls.channel_options())
         self._stub = pb_grpc.AggregatorStub(self._channel)
+        # submit_messages serializes its requests itself, to frame each chunk in one copy (wire.data_message).
+        self._submit_update = self._channel.stream_unary(
+            _SUBMIT_UPDATE, response_deserializer=pb.SubmitUpdateResponse.FromString)
 
     def close(self) -> None:
         self._channel.close()
@@ -199,7 +203,7 @@ class AggregatorClient:
             raise ValueError(f"the update is client {update.client_id!r}'s but this client is {self.client_id!r}")
         payload = TensorPayload(update.tensors)
         header = update_header(update, payload, client_id=self.client_id)
-        response: pb.SubmitUpdateResponse = self._call("submit", lambda: self._stub.SubmitUpdate(
+        response: pb.SubmitUpdateResponse = self._call("submit", lambda: self._submit_update(
             submit_messages(header, payload, chunk_bytes=self.chunk_bytes),
             metadata=self._metadata, timeout=self.timeout_s))
         return Ack(round=response.round, sha256=response.sha256, duplicate=response.duplicate,

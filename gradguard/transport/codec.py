@@ -18,7 +18,8 @@ import safetensors.torch
 import torch
 
 from gradguard.transport._generated.v1 import aggregator_pb2 as pb
-from gradguard.transport.wire import CHUNK_BYTES, canonical_order, header_bytes, read_header, read_range
+from gradguard.transport.wire import (CHUNK_BYTES, BackgroundDigest, canonical_order, data_message, header_bytes,
+                                      read_header, read_range)
 from gradguard.update import ProtectedUpdate
 
 # safetensors' dtype codes for the dtypes a model state may hold.
@@ -70,6 +71,11 @@ class TensorPayload:
 
     def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
         """The payload in pieces of ``chunk_bytes`` (the last one shorter)."""
+        for parts in self.chunk_parts(chunk_bytes):
+            yield b"".join(parts)
+
+    def chunk_parts(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[list[memoryview]]:
+        """The views each piece of :meth:`chunks` is made of, uncopied."""
         parts: list[memoryview] = []
         pending = 0
         for buffer in self.buffers():
@@ -80,10 +86,10 @@ class TensorPayload:
                 pending += take
                 position += take
                 if pending == chunk_bytes:
-                    yield b"".join(parts)
+                    yield parts
                     parts, pending = [], 0
         if parts:
-            yield b"".join(parts)
+            yield parts
 
     def to_bytes(self) -> bytes:
         return b"".join(self.buffers())
@@ -147,16 +153,20 @@ def update_header(update: ProtectedUpdate, payload: TensorPayload, *, client_id:
 
 
 def submit_messages(header: pb.UpdateHeader, payload: TensorPayload, *,
-                    chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.SubmitUpdateRequest]:
-    """The header, the payload in chunks, then the trailer with the payload's SHA-256. Each chunk
-    is hashed as gRPC asks for it (hashlib releases the GIL), so hashing overlaps the sending
-    instead of delaying the first byte."""
-    yield pb.SubmitUpdateRequest(header=header)
-    digest = hashlib.sha256()
-    for chunk in payload.chunks(chunk_bytes):
-        digest.update(chunk)
-        yield pb.SubmitUpdateRequest(data=chunk)
-    yield pb.SubmitUpdateRequest(trailer=pb.UpdateTrailer(sha256=digest.hexdigest()))
+                    chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The serialized SubmitUpdateRequests: the header, the payload in chunks, then the trailer
+    with the payload's SHA-256. Each chunk is framed straight from the tensors' memory (one copy)
+    and hashed by a helper thread while gRPC sends it."""
+    yield pb.SubmitUpdateRequest(header=header).SerializeToString()
+    digest = BackgroundDigest()
+    try:
+        for parts in payload.chunk_parts(chunk_bytes):
+            digest.update(*parts)
+            yield data_message(parts)
+        sha256 = digest.hexdigest()
+    finally:
+        digest.close()
+    yield pb.SubmitUpdateRequest(trailer=pb.UpdateTrailer(sha256=sha256)).SerializeToString()
 
 
 def save_update(update: ProtectedUpdate, path: str | Path) -> None:

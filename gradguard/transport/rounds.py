@@ -213,7 +213,7 @@ class RoundManager:
                 raise self._wrong_round(round_index)
             return self._state.round, self._state.global_sha256, open(self._store.global_path(self._state), "rb")
 
-    def submit(self, client_id: str, header: pb.UpdateHeader, chunks: Iterable[bytes],
+    def submit(self, client_id: str, header: pb.UpdateHeader, chunks: Iterable[bytes | memoryview],
                trailer_sha256: Callable[[], str | None] = lambda: None, *,
                waiting: Callable[[], None] = lambda: None) -> Ack:
         """Receive, check and count one update; raises :class:`TransportError` and changes
@@ -287,7 +287,7 @@ class RoundManager:
                              "submit the next one for "
                              f"round {ack.round + 1}")
 
-    def _receive(self, client_id: str, header: pb.UpdateHeader, chunks: Iterable[bytes],
+    def _receive(self, client_id: str, header: pb.UpdateHeader, chunks: Iterable[bytes | memoryview],
                  trailer_sha256: Callable[[], str | None]) -> Ack:
         """Called without the lock: stream, check and flush the payload, then commit it."""
         with self._cond:
@@ -296,7 +296,7 @@ class RoundManager:
         part = self._store.incoming_path()
         global_fd = os.open(global_path, os.O_RDONLY)
         try:
-            with HashingWriter(part, flush_behind=self._config.fsync) as writer:
+            with HashingWriter(part, flush_behind=self._config.fsync, hash_behind=True) as writer:
                 receiver = UpdateReceiver(writer, header=header, spec=self.spec, global_fd=global_fd,
                                           global_header=global_header, global_bounds=global_bounds,
                                           max_metadata_bytes=self._config.max_metadata_bytes,

@@ -35,7 +35,7 @@ from gradguard.transport.errors import OPEN_ROUND_KEY, TransportError
 from gradguard.transport.rounds import OnePerClient, RoundManager, RoundStatus
 from gradguard.transport.store import StateStore
 from gradguard.transport.validation import check_sha256
-from gradguard.transport.wire import MAX_MESSAGE_BYTES
+from gradguard.transport.wire import MAX_MESSAGE_BYTES, data_view
 
 if TYPE_CHECKING:  # the server itself never imports torch
     import torch
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _Response = TypeVar("_Response")
 _Message = TypeVar("_Message")
 _MAX_METADATA_BYTES = 8 << 10  # a call's gRPC metadata: ids, token, gRPC's own entries
+SubmitRequest = pb.SubmitUpdateRequest | memoryview  # a data chunk arrives as a view: see _submit_request
 
 
 def _abort(context: grpc.ServicerContext, err: Exception) -> None:
@@ -188,18 +189,21 @@ class _UpdateStream:
 
     _READ_AHEAD = 2  # chunks queued per upload: memory grows with the uploads in flight, not the clients
 
-    def __init__(self, requests: Iterator[pb.SubmitUpdateRequest], watch: _Watch, *, header_sha256: bool) -> None:
+    def __init__(self, requests: Iterator[SubmitRequest], watch: _Watch, *, header_sha256: bool) -> None:
         self._requests = requests
         self._watch = watch
         self._header_sha256 = header_sha256
         self.trailer_sha256: str | None = None
 
-    def __iter__(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator[bytes | memoryview]:
         for message in _read_ahead(self._requests, self._READ_AHEAD, self._watch.touch):
-            kind = message.WhichOneof("payload")
             if self.trailer_sha256 is not None:
                 raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
                                      "a SubmitUpdate message came after the UpdateTrailer; the trailer is the last")
+            if isinstance(message, memoryview):
+                yield message
+                continue
+            kind = message.WhichOneof("payload")
             if kind == "data":
                 yield message.data
             elif kind == "trailer" and not self._header_sha256:
@@ -208,6 +212,38 @@ class _UpdateStream:
                 raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
                                      "after the UpdateHeader a SubmitUpdate stream carries data, then one "
                                      "UpdateTrailer when the header's sha256 is empty (and none when it is given)")
+
+
+def _submit_request(message: bytes) -> SubmitRequest:
+    """SubmitUpdate's deserializer: a data chunk as a view of the received bytes, any other
+    message parsed by protobuf (which copies a chunk twice)."""
+    view = data_view(message)
+    return view if view is not None else pb.SubmitUpdateRequest.FromString(message)
+
+
+class _CollectHandlers:
+    """Stands in for the server to take the generated method handlers, so that one is replaced."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        """The generic handler over the same methods: _add_servicer registers its own."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def _add_servicer(servicer: _Servicer, server: grpc.Server) -> None:
+    """Register ``servicer`` under the generated handlers, SubmitUpdate's with :func:`_submit_request`."""
+    collected = _CollectHandlers()
+    pb_grpc.add_AggregatorServicer_to_server(servicer, collected)
+    handlers = {**collected.handlers, "SubmitUpdate": grpc.stream_unary_rpc_method_handler(
+        servicer.SubmitUpdate, request_deserializer=_submit_request,
+        response_serializer=pb.SubmitUpdateResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(collected.service, handlers),))
+    server.add_registered_method_handlers(collected.service, handlers)
 
 
 class _Servicer(pb_grpc.AggregatorServicer):
@@ -266,12 +302,12 @@ class _Servicer(pb_grpc.AggregatorServicer):
                     yield pb.GlobalModelChunk(data=chunk)
 
     @_unary_response
-    def SubmitUpdate(self, request_iterator: Iterator[pb.SubmitUpdateRequest],
+    def SubmitUpdate(self, request_iterator: Iterator[SubmitRequest],
                      context: grpc.ServicerContext) -> pb.SubmitUpdateResponse:
         client_id = self._client(context)
         with self._stream(context, f"an upload of client {client_id}") as watch:
             first = next(request_iterator, None)
-            if first is None or first.WhichOneof("payload") != "header":
+            if not isinstance(first, pb.SubmitUpdateRequest) or first.WhichOneof("payload") != "header":
                 raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
                                      "the first SubmitUpdate message must be the UpdateHeader")
             stream = _UpdateStream(request_iterator, watch, header_sha256=bool(first.header.sha256))
@@ -357,7 +393,7 @@ class AggregatorServer:
         )
         self._servicer = _Servicer(self._rounds, config,
                                    bind_certificate=tls is not None and tls.client_ca is not None)
-        pb_grpc.add_AggregatorServicer_to_server(self._servicer, self._server)
+        _add_servicer(self._servicer, self._server)
         self.port: int | None = None
 
     def _resume(self, initial: Path | None, store: StateStore, tokens: TokenRegistry) -> RoundManager:

@@ -155,7 +155,7 @@ class UpdateReceiver:
         self._want_norm = norm
         self._norm = (0.0, 0.0)
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         if self._writer.written + len(chunk) > self._total:
             raise _invalid(f"the payload is longer than the header's total_bytes={self._total}")
         self._writer.write(chunk)

@@ -15,8 +15,10 @@ import gradguard.transport._generated.v1 as generated
 from gradguard.transport.codec import (TensorPayload, decode_tensors, encode_tensors, iter_tensors, load_update,
                                        save_update, write_tensors)
 from gradguard.transport import wire
-from gradguard.transport.wire import (FLUSH_BEHIND_BYTES, HashingWriter, MalformedSafetensors, file_sha256,
-                                      from_float64, read_header, to_float64)
+from gradguard.transport._generated.v1 import aggregator_pb2 as pb
+from gradguard.transport.server import _submit_request
+from gradguard.transport.wire import (FLUSH_BEHIND_BYTES, BackgroundDigest, HashingWriter, MalformedSafetensors,
+                                      data_message, data_view, file_sha256, from_float64, read_header, to_float64)
 from gradguard.update import ProtectedUpdate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,3 +139,41 @@ def test_a_failed_flush_behind_the_writer_fails_the_fsync(tmp_path, monkeypatch)
         writer.fsync()
     writer.close()
     assert not _flushers()
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16383, 16384, 1 << 20])
+def test_a_hand_framed_data_chunk_is_what_protobuf_writes_and_reads(size):
+    data = os.urandom(size)
+    parts = [data[:size // 3], memoryview(data)[size // 3:]]
+    message = data_message(parts)
+    assert message == pb.SubmitUpdateRequest(data=data).SerializeToString()
+    assert pb.SubmitUpdateRequest.FromString(message).data == data
+    assert bytes(data_view(message)) == data
+
+
+def test_every_message_but_a_bare_data_chunk_is_left_to_protobuf():
+    data = os.urandom(1000)
+    bare = data_message([data])
+    unknown_field = bare + b"\x78\x01"  # field 15 = 1: protobuf keeps the data and skips the field
+    others = [b"", pb.SubmitUpdateRequest(header=pb.UpdateHeader(round=3)).SerializeToString(),
+              pb.SubmitUpdateRequest(trailer=pb.UpdateTrailer(sha256="a" * 64)).SerializeToString(),
+              unknown_field, bare[:-1], bare + bare, b"\x12" + b"\xff" * 11]
+    assert all(data_view(message) is None for message in others)
+    assert _submit_request(unknown_field).data == data
+    assert _submit_request(others[1]).header.round == 3
+    assert bytes(_submit_request(bare)) == data
+
+
+def test_a_digest_computed_behind_its_caller_is_the_digest_of_everything_in_order(tmp_path):
+    blocks = [os.urandom(n) for n in (0, 1, 1 << 20, 4097, 3)]
+    digest = BackgroundDigest()
+    digest.update(*blocks[:2])
+    for block in blocks[2:]:
+        digest.update(memoryview(block))
+    assert digest.hexdigest() == hashlib.sha256(b"".join(blocks)).hexdigest()
+    digest.close()
+    with HashingWriter(tmp_path / "u.part", hash_behind=True) as writer:
+        for block in blocks:
+            writer.write(block)
+        assert writer.hexdigest() == file_sha256(tmp_path / "u.part") == digest.hexdigest()
+    assert not [t for t in threading.enumerate() if t.name.startswith("gradguard-hash")]

@@ -26,7 +26,8 @@ def _stalled_upload(address: str, client_id: str, release: threading.Event, outc
     """An upload that sends its header and first chunk, then nothing until ``release``."""
     update = make_update(STATE, seed=1, num_samples=1, client_id=client_id)
     payload = TensorPayload(update.tensors)
-    messages = list(submit_messages(update_header(update, payload, client_id=client_id), payload, chunk_bytes=64))
+    messages = [pb.SubmitUpdateRequest.FromString(message) for message in
+                submit_messages(update_header(update, payload, client_id=client_id), payload, chunk_bytes=64)]
 
     def requests():
         yield from messages[:2]
