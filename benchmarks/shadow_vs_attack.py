@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
-from tqdm import tqdm
 
 from _common import write_result
 from gradguard import GradGuard, GuardConfig, ProtectedUpdate
 from gradguard.eval.attacks import build_attack
 from gradguard.eval.datasets import load_medmnist
 from gradguard.eval.models import SmallCNN
+from gradguard.progress import progress_bar
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     # below sees exactly the model the shadow learnt on.
     guard = GradGuard(GuardConfig(noise_amplitude=0.0, shadow_train_every=1, seed=args.seed))
     guard.wrap(model, optimizer)
-    for _ in tqdm(range(args.epochs), desc="co-training the shadow"):
+    for _ in progress_bar(range(args.epochs), desc="co-training the shadow"):
         for i in range(0, len(images), 8):
             optimizer.zero_grad()
             F.cross_entropy(model(images[i:i + 8]), labels[i:i + 8]).backward()
@@ -57,7 +57,7 @@ def main() -> None:
     params = dict(model.named_parameters())
     correlations, psnrs = [], []
     model.train()
-    for i in tqdm(range(args.images), desc="IG attacks"):
+    for i in progress_bar(range(args.images), desc="IG attacks"):
         x, y = targets[i:i + 1], labels[i:i + 1]
         grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(params.values()))
         update = ProtectedUpdate(tensors={n: g.detach() for n, g in zip(params, grads)}, kind="gradient",

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from _common import write_result
 from gradguard.eval.models import resnet18
+from gradguard.progress import progress_bar
 from gradguard.transport import AggregatorClient, AggregatorConfig, generate_tokens
 from gradguard.transport.codec import encode_tensors, write_tensors
 from gradguard.update import ProtectedUpdate
@@ -179,7 +179,7 @@ def measure_throughput(repeats: int, workdir: Path, aggregation: str) -> dict[st
                 "disk": lambda r: disk_write(workdir, payload)}
     try:
         tcp_send(port, payload, TCP_FSYNC)  # warm the baseline once; round 0 warms the servers
-        for round_index in tqdm(range(repeats + 1), desc="45 MB update", unit="round"):
+        for round_index in progress_bar(range(repeats + 1), desc="45 MB update", unit="round"):
             names = list(variants)
             names = names[round_index % len(names):] + names[:round_index % len(names)]
             measured = {name: variants[name](round_index) for name in names}
@@ -290,7 +290,7 @@ def crowd_round(clients: int, state: dict[str, torch.Tensor], workdir: Path, agg
         idle = memory_kb(server.pid)["VmRSS"] * 1024
         reset_peak(server.pid)
         start_lines[1].wait()
-        for thread in tqdm(threads, desc=f"{clients} clients", unit="client"):
+        for thread in progress_bar(threads, desc=f"{clients} clients", unit="client"):
             thread.join()
         peak = memory_kb(server.pid)["VmHWM"] * 1024
         with AggregatorClient(address, client_id="client000", token=tokens["client000"]) as client:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from gradguard import GuardConfig
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -21,16 +23,23 @@ class DemoConfig:
             (``lr``), which learns reliably in this few-step regime where plain SGD often collapses
             to the majority class.
         model_width: channels of the SmallCNN's first block (it doubles twice).
+    Defenses
+        preset: the GradGuard preset (:meth:`gradguard.GuardConfig.preset`) of the GradGuard
+            clients; "default" is ``GuardConfig()``.
+        dpsgd_noise_multiplier, dpsgd_max_grad_norm: Opacus DP-SGD, the comparison's baseline.
+        Each defense (none, GradGuard, DP-SGD) trains its own federation of the same clients, so
+        the report sets each one's utility beside its leakage.
     Attack
         attack_iterations: Inverting Gradients steps (one restart) per defense; the attack sees
-            client 1's batch-1 update of one of its images on the final global model.
-        dpsgd_noise_multiplier, dpsgd_max_grad_norm: Opacus DP-SGD, the comparison's baseline.
+            client 1's batch-1 update of one of its images on the GradGuard federation's final
+            global model, the same update under each defense.
     Other
         figure_images: images in the mask figure.
         threads: torch's intra-op threads (torch.set_num_threads); 1 suits this small model, whose
             parallelism is the client threads (on a busy 2-core machine two threads per op made
             the attack 30x slower); 0 keeps torch's default.
-        seed: seeds the model, the split, the loaders, the guards' noise, DP-SGD and the attack.
+        seed: seeds the model, the split, the loaders, the guards' noise and shadows, DP-SGD and the
+            attack: the same seed gives the same report, figure for figure.
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
         progress: tqdm bars for the rounds and the attacks.
     """
@@ -47,9 +56,11 @@ class DemoConfig:
     lr: float = 1e-3
     model_width: int = 32
 
-    attack_iterations: int = 1000
+    preset: str = "default"
     dpsgd_noise_multiplier: float = 1.0
     dpsgd_max_grad_norm: float = 1.0
+
+    attack_iterations: int = 1000
 
     figure_images: int = 4
     threads: int = 1
@@ -58,6 +69,7 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        GuardConfig.preset(self.preset)  # an unknown name raises ConfigError, naming the nearest preset
         checks = {
             "image_size": self.image_size >= 8,
             "clients": self.clients >= 1,

@@ -25,7 +25,10 @@ class DemoData:
     """The demo's images.
 
     train: the federation's training split; in the fallback, the shipped images.
-    test: the test split for the global model's utility; None in the fallback (no federation).
+    test: the test split for the global models' utility; None in the fallback (no federation).
+    public: the attacker's own images of the modality (the validation split, which no client holds
+        and utility is not measured on): its mean image is the guess the attacker makes without any
+        update, and the adaptive attacker calibrates to it. None in the fallback.
     source: where the images came from, for the report.
     captions: one name per image of ``train`` in the fallback, else None.
     fallback_reason: why MedMNIST was not used ("" when it was).
@@ -34,6 +37,7 @@ class DemoData:
     train: ImageSet
     test: ImageSet | None
     source: str
+    public: ImageSet | None = None
     captions: tuple[str, ...] | None = None
     fallback_reason: str = ""
 
@@ -49,7 +53,8 @@ def cache_dir() -> Path:
 
 def _medmnist(dataset: str, size: int, root: Path, source: str, *, download: bool = False) -> DemoData:
     train = load_medmnist(dataset, "train", root=root, size=size, download=download)
-    return DemoData(train=train, test=load_medmnist(dataset, "test", root=root, size=size), source=source)
+    return DemoData(train=train, test=load_medmnist(dataset, "test", root=root, size=size), source=source,
+                    public=load_medmnist(dataset, "val", root=root, size=size))
 
 
 def find_data(*, dataset: str, size: int, download: bool) -> DemoData:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -84,6 +85,19 @@ def build_shadow(name: str, *, feature_dim: int, image_shape: tuple[int, ...], w
 def per_pixel_error(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Squared error averaged over channels: [B, 1, ...]."""
     return (reconstruction - images).pow(2).mean(dim=1, keepdim=True)
+
+
+# torch.random.fork_rng saves, reseeds and restores the process-wide generator: two guards building
+# their shadows at once in threads (clients of one process) would otherwise draw each other's weights.
+_GLOBAL_RNG = threading.Lock()
+
+
+def seeded_decoder(in_dim: int, image_shape: tuple[int, ...], width: int, *, seed: int, device: torch.device,
+                   dtype: torch.dtype) -> nn.Module:
+    """:func:`decoder` with weights drawn from ``seed`` alone, leaving the global generator as it was."""
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return decoder(in_dim, image_shape, width).to(device=device, dtype=dtype)
 
 
 def decoder(in_dim: int, image_shape: tuple[int, ...], width: int) -> nn.Module:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradguard.shadow.base import Shadow, ShadowInputs, decoder, per_pixel_error, register_shadow
+from gradguard.shadow.base import Shadow, ShadowInputs, per_pixel_error, register_shadow, seeded_decoder
 
 WEIGHTS = {"gradient": 1e-2, "bn": 1e-2, "tv": 1e-5, "norm": 1e2, "pixel": 1.0}
 LATENT_DIM = 64
@@ -68,9 +68,7 @@ class LatentGenerator(Shadow):
                  steps: int, device: torch.device, dtype: torch.dtype, seed: int) -> None:
         self.device, self.dtype = device, dtype
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            self.net = decoder(LATENT_DIM, image_shape, width).to(device=device, dtype=dtype)
+        self.net = seeded_decoder(LATENT_DIM, image_shape, width, seed=seed, device=device, dtype=dtype)
         self.latents: dict[str, torch.Tensor] = {}
         self.lr = lr
         self.steps = max(steps, 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gradguard.shadow.base import Shadow, ShadowInputs, decoder, per_pixel_error, register_shadow
+from gradguard.shadow.base import Shadow, ShadowInputs, per_pixel_error, register_shadow, seeded_decoder
 
 
 def _scale_free(features: torch.Tensor) -> torch.Tensor:
@@ -21,9 +21,7 @@ def _scale_free(features: torch.Tensor) -> torch.Tensor:
 class FeatureInverter(Shadow):
     def __init__(self, *, feature_dim: int, image_shape: tuple[int, ...], width: int, lr: float,
                  steps: int, device: torch.device, dtype: torch.dtype, seed: int) -> None:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            self.net = decoder(feature_dim, image_shape, width).to(device=device, dtype=dtype)
+        self.net = seeded_decoder(feature_dim, image_shape, width, seed=seed, device=device, dtype=dtype)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
         self.steps = steps
 

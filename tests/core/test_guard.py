@@ -134,6 +134,26 @@ def test_rewrapping_is_safe_and_cleanup_removes_every_hook(chest_batch):
     assert model not in _GUARDS
 
 
+@pytest.mark.parametrize("kind", ["feature_inverter", "generator"])
+def test_shadows_built_at_once_in_threads_keep_their_seeds(kind):
+    # Clients in threads of one process (the demo's) build their shadows at the same moment; each
+    # shadow's weights must come from its own seed, whatever the other threads do meanwhile.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradguard.shadow import build_shadow
+
+    def weights(seed: int) -> list[torch.Tensor]:
+        shadow = build_shadow(kind, feature_dim=64, image_shape=(1, 16, 16), width=8, lr=1e-3, steps=1,
+                              device=torch.device("cpu"), dtype=torch.float32, seed=seed)
+        return [p.detach().clone() for p in shadow.net.parameters()]
+
+    alone = [weights(seed) for seed in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(weights, [seed for _ in range(4) for seed in range(8)]))
+    for i, built in enumerate(together):
+        assert all(torch.equal(a, b) for a, b in zip(built, alone[i % 8]))
+
+
 def test_deterministic_under_a_seed(chest_batch):
     images, labels = chest_batch
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from gradguard.eval.attacks.labels import recover_labels
 from gradguard.eval.attacks.observation import Observation, observe
+from gradguard.progress import progress_bar
 from gradguard.registry import Registry
 from gradguard.update import ProtectedUpdate
 
@@ -123,7 +124,7 @@ class Attack(ABC):
         """One seeded optimisation; ``generator`` (CPU) draws every random number it needs."""
 
     def _steps(self, desc: str) -> tqdm:
-        return tqdm(range(self.config.iterations), desc=desc, disable=not self.config.progress, leave=False)
+        return progress_bar(range(self.config.iterations), desc=desc, enabled=self.config.progress, leave=False)
 
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from gradguard.eval.attacks.base import register_attack
 from gradguard.eval.attacks.inverting import InvertingConfig, InvertingGradients
 from gradguard.eval.attacks.labels import last_linear
 from gradguard.eval.attacks.observation import Observation
+from gradguard.progress import progress_bar
 
 
 @dataclass(kw_only=True)
@@ -110,7 +110,7 @@ class LearnedDecoderAttack(InvertingGradients):
             channels, height, width = images.shape[1:]
             decoder = FeatureDecoder(features.shape[1], (channels, height, width), cfg.decoder_width).to(device)
         optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.fit_lr)
-        for _ in tqdm(range(cfg.fit_steps), desc=f"{self.name} fit", disable=not cfg.progress, leave=False):
+        for _ in progress_bar(range(cfg.fit_steps), desc=f"{self.name} fit", enabled=cfg.progress, leave=False):
             batch = torch.randint(usable, (cfg.fit_batch,), generator=generator).to(device)
             loss = F.mse_loss(decoder(features[batch]), images[batch])
             optimizer.zero_grad()

@@ -12,7 +12,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from gradguard.eval.bench.cache import Layout, _atomic
 from gradguard.eval.bench.spec import BenchConfig, Spec
@@ -21,6 +20,7 @@ from gradguard.eval.defenses import DEFENSES, GuardedDefense, build_defense
 from gradguard.eval.metrics import utility
 from gradguard.eval.models import build_model
 from gradguard.eval.partition import ClientSpec, partition_clients
+from gradguard.progress import progress_bar
 from gradguard.transport.aggregation import weighted_mean
 from gradguard.update import ProtectedUpdate
 
@@ -139,8 +139,8 @@ def train_run(config: BenchConfig, data: Data, spec: Spec, seed: int, layout: La
                                 alpha=config.alpha, seed=seed)
     attacked = set(attacked_clients(config, clients)) if capture else set()
     start = time.perf_counter()
-    rounds = tqdm(range(1, config.rounds + 1), desc=f"  train {spec.label} seed {seed}", leave=False,
-                  disable=not config.progress)
+    rounds = progress_bar(range(1, config.rounds + 1), desc=f"  train {spec.label} seed {seed}", leave=False,
+                          enabled=config.progress)
     for round_ in rounds:
         global_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         updates = []

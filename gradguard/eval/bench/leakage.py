@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from gradguard.config import GuardConfig, derive_seed
 from gradguard.eval.adaptive import adaptive_variants
@@ -46,9 +45,17 @@ from gradguard.eval.bench.federation import Data, _defense, train_run
 from gradguard.eval.bench.spec import Spec
 from gradguard.eval.defenses import DEFENSES, GuardedDefense, UntargetedDefense
 from gradguard.eval.known_noise import DenoiserConfig, KnownNoiseDenoiser, gradguard_noise
-from gradguard.eval.metrics import (LPIPSMetric, above_prior, leakage, prior_guesses, reidentification,
-                                    reidentification_chance, strongest_prior)
+from gradguard.eval.metrics import (
+    LPIPSMetric,
+    above_prior,
+    leakage,
+    prior_guesses,
+    reidentification,
+    reidentification_chance,
+    strongest_prior,
+)
 from gradguard.eval.models import build_model
+from gradguard.progress import progress_bar
 from gradguard.update import ProtectedUpdate
 
 # A setting leaks when its undefended strongest attack beats the prior by at least this (PSNR).
@@ -507,7 +514,7 @@ def run_leakage(experiment: Experiment, out: str | Path, *, report_dir: str | Pa
     lpips_metric: LPIPSMetric | None = None
     denoisers: dict[tuple[str, str, str], KnownNoiseDenoiser | None] = {}
     start = time.perf_counter()
-    with tqdm(total=total, desc=experiment.name, disable=not experiment.progress) as bar:
+    with progress_bar(total=total, desc=experiment.name, enabled=experiment.progress) as bar:
         for name, data in datasets.items():
             for spec, twin_of in defenses:
                 for seed in seeds:

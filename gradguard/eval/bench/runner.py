@@ -15,6 +15,8 @@ from gradguard.eval.bench.spec import BenchConfig, Spec
 from gradguard.eval.metrics import LPIPSMetric
 from gradguard.eval.partition import partition_clients
 from gradguard.eval.report import write_report
+from gradguard.progress import progress_bar
+
 
 @dataclass
 class BenchOutcome:
@@ -96,7 +98,7 @@ def run_bench(config: BenchConfig, out: str | Path, *, report_dir: str | Path | 
                                          * len(targets[name]) * len(config.attacks)) for name in datasets)
     runs: list[dict[str, Any]] = []
     cells: list[dict[str, Any]] = []
-    with tqdm(total=units, desc="bench", disable=not config.progress) as bar:
+    with progress_bar(total=units, desc="bench", enabled=config.progress) as bar:
         runner = _Runner(config, layout, bar)
         for name, data in datasets.items():
             for defense in config.defenses:

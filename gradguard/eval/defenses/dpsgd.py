@@ -14,16 +14,20 @@ of grad); clipping, noise and accounting are Opacus' DPOptimizer and accountant.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from gradguard.eval.defenses.base import Batch, Defense, LocalRound, local_sgd, register_defense
+from gradguard.eval.defenses.base import Batch, BatchHook, Defense, LocalRound, local_sgd, register_defense
 from gradguard.per_sample import per_sample_ready
 from gradguard.update import UpdateKind, snapshot
+
+if TYPE_CHECKING:  # opacus loads only when DP-SGD runs
+    from opacus.accountants import IAccountant
+    from opacus.optimizers import DPOptimizer
 
 
 def per_sample_gradients(model: nn.Module, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
@@ -42,6 +46,27 @@ def per_sample_gradients(model: nn.Module, images: Tensor, targets: Tensor) -> d
         return F.cross_entropy(logits, target.unsqueeze(0))
 
     return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, images, targets)
+
+
+def private_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
+                      max_grad_norm: float, batch_size: int, sample_rate: float, accountant: IAccountant,
+                      generator: torch.Generator) -> tuple[DPOptimizer, BatchHook]:
+    """Opacus' DPOptimizer around ``optimizer`` (any torch optimizer), charging ``accountant`` one
+    step at ``sample_rate`` per step, and the ``after_backward`` hook of :func:`local_sgd` that
+    hands it each step's per-sample gradients. ``model`` must stay in eval mode while it trains."""
+    from opacus.optimizers import DPOptimizer
+
+    private = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                          expected_batch_size=batch_size, generator=generator)
+    private.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    named = dict(model.named_parameters())
+
+    def attach_per_sample(_step: int, images: Tensor, targets: Tensor) -> None:
+        for name, value in per_sample_gradients(model, images, targets).items():
+            # Opacus' DPOptimizer reads this attribute, which torch's Parameter does not declare
+            named[name].grad_sample = value  # type: ignore[attr-defined]
+
+    return private, attach_per_sample
 
 
 @register_defense
@@ -90,25 +115,16 @@ class DPSGD(Defense):
 
     def _train(self, model: nn.Module, batches: list[Batch], context: LocalRound) -> dict[str, Tensor]:
         from opacus.accountants import create_accountant
-        from opacus.optimizers import DPOptimizer
 
         model.eval()
         before = snapshot(model)
         device = next(model.parameters()).device
         if self._generator.device != device:
             self._generator = torch.Generator(device=device).manual_seed(self._params["seed"])
-        optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=context.lr),
-                                noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                                expected_batch_size=context.batch_size, generator=self._generator)
         accountant = self.accountants.setdefault(context.client_id, create_accountant(self._accountant_kind))
-        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(
-            sample_rate=context.batch_size / context.num_samples))
-        named = dict(model.named_parameters())
-
-        def attach_per_sample(_step: int, images: Tensor, targets: Tensor) -> None:
-            for name, value in per_sample_gradients(model, images, targets).items():
-                # Opacus' DPOptimizer reads this attribute, which torch's Parameter does not declare
-                named[name].grad_sample = value  # type: ignore[attr-defined]
-
+        optimizer, attach_per_sample = private_optimizer(
+            model, torch.optim.SGD(model.parameters(), lr=context.lr), noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm, batch_size=context.batch_size,
+            sample_rate=context.batch_size / context.num_samples, accountant=accountant, generator=self._generator)
         local_sgd(model, batches, lr=context.lr, optimizer=optimizer, after_backward=attach_per_sample)
         return self.shared_tensors(before, model)
