@@ -12,6 +12,10 @@ class GradGuardError(RuntimeError):
     """Base class of GradGuard's own errors."""
 
 
+class GradGuardWarning(UserWarning):
+    """Something the user should know about a protected update, e.g. a leakage target it missed."""
+
+
 class UnsupportedModelError(GradGuardError, ValueError):
     """The wrapped model has a layer or a shape the chosen mode cannot serve."""
 

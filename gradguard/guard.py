@@ -26,6 +26,7 @@ import inspect
 import json
 import math
 import secrets
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,9 +39,9 @@ from torch.utils.hooks import RemovableHandle
 
 from gradguard import masks as mk
 from gradguard.calibration import bound
-from gradguard.calibration.probe import PROBE_MARGIN_DB, gradient_probe
+from gradguard.calibration.probe import PROBE_FRACTIONS, PROBE_MARGIN_DB, gradient_probe
 from gradguard.config import GuardConfig, derive_seed
-from gradguard.errors import ConfigError, GradGuardError, UnsupportedModelError, last_layer
+from gradguard.errors import ConfigError, GradGuardError, GradGuardWarning, UnsupportedModelError, last_layer
 from gradguard.per_sample import HybridDP, epsilon, new_accountant, validate_per_sample
 from gradguard.relevance import LAYER_METHODS, attribution, gradcam_from, last_conv_layer, to_pixels
 from gradguard.shadow import Shadow, ShadowInputs, build_shadow
@@ -83,7 +84,7 @@ class _RoundState:
     batch_size: int = 0
     gradient: dict[str, torch.Tensor] | None = None  # update_kind="gradient": the first step's
     plans: dict[str, _SamplePlan] = field(default_factory=dict)  # calibrated noise, per sample id
-    probe_db: float | None = None  # the honest server's probe on the round's first batch (worst sample)
+    probe: tuple[float, float] | None = None  # honest server: the round's fraction of the bound's noise, its estimate
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,8 @@ class GradGuard:
         self._prior: torch.Tensor | None = None  # set_prior's image
         self._prior_sum: torch.Tensor | None = None  # the sum and ids of every distinct image seen
         self._prior_ids: set[str] = set()
-        self._probed: tuple[int, float] | None = None  # (round, worst dB) of the last probe
+        # (round, batch size, fraction, estimate) of the last probe
+        self._probed: tuple[int, int, float, float] | None = None
 
     # ------------------------------------------------------------------ checks
     def validate(self, model: Any, optimizer: Any, example_batch: Any = None, *, data_loader: Any = None,
@@ -563,14 +565,16 @@ class GradGuard:
             raise GradGuardError(f"{state.steps} protected steps but {state.dp_steps} DP-SGD steps were accounted, "
                                  "so no epsilon covers this update; fix: step only the optimizer wrap() returned")
         leakage = self._leakage() if cfg.calibration.enabled else None
-        if leakage is not None and not leakage.met and cfg.calibration.on_target_missed == "raise":
+        if leakage is not None and not leakage.met:
             missed = sum(p.psnr_db > leakage.target_db + 1e-6 for p in state.plans.values())
-            raise GradGuardError(
-                f"{missed} of the round's {leakage.samples} samples would leak up to "
-                f"{leakage.psnr_above_prior_max:.2f} dB above the prior at the most noise allowed (max_amplitude="
-                f"{cfg.calibration.max_amplitude}), over the target of {leakage.target_db} dB, so the update is not "
-                "returned; fix: a larger max_amplitude, a larger leakage_target_db, or on_target_missed='flag' to "
-                "send it flagged (update.leakage.met is False)")
+            problem = (f"{missed} of the round's {leakage.samples} samples would leak up to "
+                       f"{leakage.psnr_above_prior_max:.2f} dB above the prior at the most noise allowed "
+                       f"(max_amplitude={cfg.calibration.max_amplitude}), over the target of {leakage.target_db} dB")
+            if cfg.calibration.on_target_missed == "raise":
+                raise GradGuardError(f"{problem}, so the update is not returned; fix: a larger max_amplitude, a "
+                                     "larger leakage_target_db, or on_target_missed='flag' to send it flagged")
+            warnings.warn(f"{problem}: the update is flagged (update.leakage.met is False)", GradGuardWarning,
+                          stacklevel=2)
         tensors = weight_delta(state.global_weights, model) if cfg.update_kind == "delta" else (state.gradient or {})
         update = ProtectedUpdate(
             tensors=tensors, kind=cfg.update_kind, num_samples=len(state.seen), num_steps=state.steps,
@@ -844,9 +848,10 @@ class GradGuard:
             draws.append(self._noise_like(image[None], generator))
         return mk.normalize(torch.cat(draws), "rms")
 
-    def _probe(self, images: torch.Tensor, labels: torch.Tensor | None, call: _Call,
+    def _probe(self, shared: torch.Tensor, images: torch.Tensor, labels: torch.Tensor | None, call: _Call,
                prior: torch.Tensor) -> float:
-        """The honest server's attack on the clean gradient of this batch at the global weights (dB, worst)."""
+        """The honest server's attack on the gradient of ``shared`` (the batch as trained on) at the
+        global weights, scored against the clean ``images``: the worst sample's dB above the prior."""
         model = self._global_model().train()
         forward = _Logits(model, call, None, self._logits)
         try:
@@ -854,35 +859,61 @@ class GradGuard:
                 with torch.no_grad():
                     labels = forward(images).argmax(dim=1)
             leak = gradient_probe(model, forward, images.detach(), labels.to(images.device), prior,
-                                  steps=self.config.calibration.probe_steps,
+                                  steps=self.config.calibration.probe_steps, shared=shared.detach(),
                                   seed=derive_seed(self.seed, "probe", self.round))
         finally:
             model.eval()
         return float(leak.max())
 
+    def _honest_fraction(self, x: torch.Tensor, labels: torch.Tensor | None, call: _Call, prior: torch.Tensor,
+                         sigma: torch.Tensor, noise: torch.Tensor) -> tuple[float, float]:
+        """The least fraction of the bound's noise (0, 1/8, 1/4, 1/2, else 1) at which the probe plus its
+        margin meets the target, and the probe's estimate there (dB, margin included; inf at 1).
+
+        The bound assumes the server recovers the noised inputs exactly, which an honest server
+        inverting a gradient of several images does not: far less noise may leave its attack at the prior.
+        """
+        target = self.config.calibration.leakage_target_db
+        assert target is not None
+        for fraction in PROBE_FRACTIONS:
+            shared = x + fraction * mk.per_sample(sigma, x) * noise
+            estimate = self._probe(shared, x, labels, call, prior) + PROBE_MARGIN_DB
+            if estimate <= target:
+                return fraction, estimate
+        return 1.0, math.inf
+
     def _calibrated(self, images: torch.Tensor, ids: list[str], labels: torch.Tensor | None,
                     call: _Call) -> torch.Tensor:
-        """Each sample plus its calibrated noise; planned when first seen in the round."""
+        """Each sample plus its calibrated noise; planned when first seen in the round.
+
+        The bound's noise protects against every attacker. Under the honest server the round's first
+        batch is probed with fractions of it (every ``probe_every`` rounds), and every sample of the
+        round gets the least fraction the probe finds enough: none at all when the clean update leaks nothing.
+        """
         cal, noise_cfg, state = self.config.calibration, self.config.noise, self._state
-        assert cal.leakage_target_db is not None
         self._observe(images, ids)
         new = [i for i, sid in enumerate(ids) if sid not in state.plans]
         if new:
             x = images[new].detach()
             prior = self._priors(x)
-            if cal.threat == "honest_server" and state.probe_db is None:
-                if self._probed is None or self.round - self._probed[0] >= cal.probe_every \
-                        or self.round < self._probed[0]:
-                    self._probed = (self.round, self._probe(x, None if labels is None else labels[new], call, prior))
-                state.probe_db = self._probed[1]
-            probed = math.inf if cal.threat == "malicious_server" else (state.probe_db or 0.0) + PROBE_MARGIN_DB
+            seeds = [derive_seed(self.seed, "noise", self.round, ids[i]) for i in new]
+            noise = self._sample_noise(x, seeds)
+            full = self._calibrated_sigma(x, prior)
+            fraction, probed = 1.0, math.inf
+            if cal.threat == "honest_server":
+                if state.probe is None:
+                    # Leakage changes with the batch size at once, with the model slowly: re-probe on either.
+                    if self._probed is None or self._probed[1] != len(images) \
+                            or not 0 <= self.round - self._probed[0] < cal.probe_every:
+                        found = self._honest_fraction(x, None if labels is None else labels[new], call, prior,
+                                                      full, noise)
+                        self._probed = (self.round, len(images), *found)
+                    state.probe = self._probed[2:]
+                fraction, probed = state.probe
+            sigma = fraction * full
             spectrum = bound.noise_spectrum(x, kind=noise_cfg.kind, smoothness=noise_cfg.smoothness)
             scale = x.flatten(1).abs().amax(dim=1).clamp_min(1e-12)
-            # The honest server recovers nothing (the probe and its margin are within the target): no noise.
-            quiet = probed <= cal.leakage_target_db
-            sigma = torch.zeros_like(scale) if quiet else self._calibrated_sigma(x, prior)
-            seeds = [derive_seed(self.seed, "noise", self.round, ids[i]) for i in new]
-            noised = x + mk.per_sample(sigma, x) * self._sample_noise(x, seeds)
+            noised = x + mk.per_sample(sigma, x) * noise
             psnr = bound.wiener_leakage_db(x, prior, sigma, spectrum=spectrum).clamp_max(probed)
             estimate = bound.wiener_estimate(noised, x, prior, sigma, spectrum=spectrum) if x.ndim == 4 else None
             ssim = self._ssim_above(x, prior, estimate)
