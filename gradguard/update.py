@@ -1,76 +1,16 @@
 """What leaves a client: the protected update and its metadata."""
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
+# Defined without torch, for the aggregator (which never imports it); re-exported here.
+from gradguard.leakage import LeakageEstimate as LeakageEstimate
+
 UpdateKind = Literal["delta", "gradient"]
-
-
-@dataclass(frozen=True)
-class LeakageEstimate:
-    """What the client's simulated attacker estimates an update gives away, and the noise chosen for it.
-
-    Leakage is above the attacker's prior (dB of PSNR, and SSIM, of the best estimate minus the
-    prior's), over the samples of the update: the worst sample and the mean. ``estimators`` names
-    what was run: "noised_input_bound" (the oracle Wiener filter on the exact noised inputs: every
-    attack's ceiling) and, under the honest server, "gradient_probe" (a short gradient-inversion
-    attack on the round's clean gradient). ``met``: every sample is at most ``target_db``.
-    ``amplitude_max`` / ``amplitude_mean``: the noise chosen (RMS over max |x|; 0 for samples that
-    got none) and ``noised_samples`` how many got any.
-    """
-
-    threat: str
-    estimators: tuple[str, ...]
-    target_db: float
-    psnr_above_prior_max: float
-    psnr_above_prior_mean: float
-    ssim_above_prior_max: float
-    ssim_above_prior_mean: float
-    amplitude_max: float
-    amplitude_mean: float
-    samples: int
-    noised_samples: int
-    met: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready; an infinite estimate (no noise, exact recovery) is written as the string "inf"."""
-        return {k: (list(v) if isinstance(v, tuple) else "inf" if isinstance(v, float) and math.isinf(v) else v)
-                for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LeakageEstimate:
-        """The estimate :meth:`to_dict` wrote; raises ValueError on a missing or mistyped field."""
-        names = {f.name for f in fields(cls)}
-        if set(data) != names:
-            raise ValueError(f"a leakage estimate has the fields {sorted(names)}, got {sorted(data)}")
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            value = data[f.name]
-            if f.name == "estimators":
-                if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                    raise ValueError("leakage estimators must be a list of names")
-                value = tuple(value)
-            elif f.name in ("threat",):
-                if not isinstance(value, str):
-                    raise ValueError("leakage threat must be a string")
-            elif f.name in ("samples", "noised_samples"):
-                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise ValueError(f"leakage {f.name} must be an integer >= 0")
-            elif f.name == "met":
-                if not isinstance(value, bool):
-                    raise ValueError("leakage met must be true or false")
-            else:
-                value = math.inf if value == "inf" else value
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
-                    raise ValueError(f"leakage {f.name} must be a number")
-                value = float(value)
-            values[f.name] = value
-        return cls(**values)
 
 
 @dataclass(repr=False)

@@ -34,6 +34,7 @@ engine each message runs in a fresh ClientApp process, so in-memory state would 
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
@@ -53,9 +54,9 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from gradguard.config import FLAT_FIELDS, GROUPS, GuardConfig, derive_seed, suggestion
-from gradguard.errors import ConfigError
+from gradguard.errors import ConfigError, GradGuardError
 from gradguard.guard import GradGuard
-from gradguard.update import ProtectedUpdate
+from gradguard.update import LeakageEstimate, ProtectedUpdate
 
 REPLY_KEY = "gradguard"
 """Name of the ConfigRecord in a train reply that describes the protected update."""
@@ -262,14 +263,16 @@ def gradguard_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> 
     ``current_guard().wrap(model, optimizer)``, and then replaces the reply's arrays by
     ``sent + protected delta``: what leaves the node is GradGuard's update, whatever the
     handler put there. The reply's MetricRecord gets ``num-examples`` (if the handler set
-    none), ``gradguard-noise-amplitude`` (this round's w_t) and ``gradguard-steps``; a
-    ``gradguard`` ConfigRecord describes the update (settings without the seed). Settings
-    come from the run config (:func:`guard_config`). The noise seed is the node's secret,
-    unless the SuperNode was started with ``--node-config 'gradguard-seed=<int>'``
-    (reproducible experiments only). A reply that is malformed or non-finite, or a handler
-    that never trained through the guard, becomes an error reply that says why. Messages
-    other than train pass through. With SecAgg+, list ``secaggplus_mod`` first so that it
-    masks the protected update.
+    none), ``gradguard-noise-amplitude`` (the largest amplitude chosen under calibrated noise,
+    else this round's w_t), ``gradguard-steps`` and, under calibrated noise, the update's
+    leakage report (:func:`leakage_metrics`: ``gradguard-leakage-psnr-max``, ``-psnr-mean``,
+    ``-ssim-max``, ``-target``, ``-met``); a ``gradguard`` ConfigRecord describes the update
+    (settings without the seed). Settings come from the run config (:func:`guard_config`).
+    The noise seed is the node's secret, unless the SuperNode was started with
+    ``--node-config 'gradguard-seed=<int>'`` (reproducible experiments only). A reply that is
+    malformed or non-finite, or a handler that never trained through the guard, becomes an
+    error reply that says why. Messages other than train pass through. With SecAgg+, list
+    ``secaggplus_mod`` first so that it masks the protected update.
     """
     if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
         return call_next(msg, ctxt)
@@ -298,6 +301,8 @@ def gradguard_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> 
         amplitude, model = guard.noise_amplitude, guard.model
         try:
             update = guard.protected_update()
+        except GradGuardError as err:  # e.g. a missed leakage target: the guard's message says the fix
+            return _failed(msg, f"withheld the update: {err}")
         except RuntimeError as err:
             return _failed(msg, f"the train handler did not train through the guard ({err}); wrap with "
                                 "model, optimizer = current_guard().wrap(model, optimizer)")
@@ -323,10 +328,26 @@ def gradguard_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> 
         content["metrics"] = MetricRecord()
         metrics = content.metric_records["metrics"]
     metrics.setdefault(WEIGHT_KEY, update.num_samples)
-    metrics["gradguard-noise-amplitude"] = float(amplitude)
+    # Under calibrated noise the scheduled w_t is not what was applied: each sample got its own
+    # amplitude, and the largest is what the leakage report names.
+    metrics["gradguard-noise-amplitude"] = float(amplitude if update.leakage is None else update.leakage.amplitude_max)
     metrics["gradguard-steps"] = update.num_steps
+    if update.leakage is not None:
+        metrics.update(leakage_metrics(update.leakage))
     content[REPLY_KEY] = _update_record(update)
     return reply
+
+
+def leakage_metrics(leakage: LeakageEstimate) -> dict[str, float]:
+    """The leakage report as MetricRecord entries (numbers only; ``met`` as 0 or 1). An SSIM that
+    was not computed (volumes) is left out rather than sent as NaN, which would poison the
+    strategy's averages."""
+    metrics = {"gradguard-leakage-psnr-max": leakage.psnr_above_prior_max,
+               "gradguard-leakage-psnr-mean": leakage.psnr_above_prior_mean,
+               "gradguard-leakage-ssim-max": leakage.ssim_above_prior_max,
+               "gradguard-leakage-target": leakage.target_db,
+               "gradguard-leakage-met": float(leakage.met)}
+    return {key: value for key, value in metrics.items() if not math.isnan(value)}
 
 
 def update_problem(reply: RecordDict, sent: ArrayRecord, *, require_protected: bool = True) -> str | None:
@@ -363,8 +384,8 @@ class GradGuardStrategy(Strategy):
 
     :attr:`client_metrics` keeps what every client reported, per round and stage: one dict per
     reply with ``round``, ``stage`` ("train" or "evaluate"), ``node-id`` and the reply's
-    metrics (``num-examples``, ``gradguard-noise-amplitude``, ...), which the strategy's own
-    aggregation averages away."""
+    metrics (``num-examples``, ``gradguard-noise-amplitude``, ``gradguard-leakage-psnr-max``,
+    ...), which the strategy's own aggregation averages away."""
 
     def __init__(self, strategy: Strategy, *, require_protected: bool = True) -> None:
         super().__init__()

@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="bound on an update's L2 norm (default: none); see --norm-bound")
     serve.add_argument("--norm-bound", choices=("clip", "refuse"), default=defaults.norm_bound,
                        help="beyond --max-update-norm, scale the update down to it or refuse it")
+    serve.add_argument("--max-leakage-db", type=float,
+                       help="refuse an update whose own leakage report estimates more than this many dB above the "
+                            "attacker's prior, says it missed its target, or is missing (default: no maximum)")
     serve.add_argument("--max-num-samples", type=int, default=defaults.max_num_samples,
                        help="largest num_samples (FedAvg weight) accepted; clients.json can lower it per client")
     serve.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
@@ -141,7 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = AggregatorConfig(
             min_clients=args.min_clients, round_deadline_s=args.round_deadline or None, rounds=args.rounds,
             aggregation=args.aggregation, trim_fraction=args.trim_fraction, max_update_norm=args.max_update_norm,
-            norm_bound=args.norm_bound, max_num_samples=args.max_num_samples,
+            norm_bound=args.norm_bound, max_leakage_db=args.max_leakage_db, max_num_samples=args.max_num_samples,
             max_update_bytes=int(args.max_update_mb * 2**20), idle_timeout_s=args.idle_timeout,
             fsync=not args.no_fsync)
         # The model is passed as its file: the server copies it into the state directory and

@@ -192,9 +192,12 @@ class AggregatorClient:
     def submit(self, update: ProtectedUpdate) -> Ack:
         """Send ``update`` (e.g. ``guard.protected_update()``) for its round; returns the receipt.
 
-        Raises :class:`TransportError` with the server's status when it refuses the update:
-        INVALID_ARGUMENT (layout, dtype, non-finite values, malformed payload),
-        FAILED_PRECONDITION (not the open round), RESOURCE_EXHAUSTED (too large),
+        The update's leakage report (``update.leakage``) travels in the header's ``leakage``
+        field. Raises :class:`TransportError` with the server's status when it refuses the update:
+        INVALID_ARGUMENT (layout, dtype, non-finite values, malformed payload or leakage report),
+        FAILED_PRECONDITION (not the open round; or, on a server with a maximum leakage
+        (``--max-leakage-db``), an estimate over it, a missed target or no report: train the round
+        again and submit the new update), RESOURCE_EXHAUSTED (too large),
         ALREADY_EXISTS (a different update of this client is in, or these bytes with another
         header), DATA_LOSS (corrupted). A retry of an update already accepted, even after its
         round closed, returns its receipt with ``duplicate=True``.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from gradguard.leakage import LeakageEstimate
 from gradguard.transport._generated.v1 import aggregator_pb2 as pb
 from gradguard.transport.wire import (CHUNK_BYTES, BackgroundDigest, canonical_order, data_message, header_bytes,
                                       read_header, read_range)
@@ -149,7 +151,16 @@ def update_header(update: ProtectedUpdate, payload: TensorPayload, *, client_id:
         value = getattr(update, name)
         if value is not None:
             setattr(header, name, value)
+    if update.leakage is not None:
+        header.leakage.CopyFrom(leakage_report(update.leakage))
     return header
+
+
+def leakage_report(estimate: LeakageEstimate) -> pb.LeakageReport:
+    """``estimate`` as the header's LeakageReport; an SSIM not computed (NaN) is left absent."""
+    values = {f.name: getattr(estimate, f.name) for f in dataclasses.fields(estimate)}
+    return pb.LeakageReport(**{name: value for name, value in values.items()
+                               if not (isinstance(value, float) and math.isnan(value))})
 
 
 def submit_messages(header: pb.UpdateHeader, payload: TensorPayload, *,
@@ -172,6 +183,8 @@ def submit_messages(header: pb.UpdateHeader, payload: TensorPayload, *,
 def save_update(update: ProtectedUpdate, path: str | Path) -> None:
     """Write ``update`` to a safetensors file; its metadata travels in the file's header."""
     fields = {f.name: getattr(update, f.name) for f in dataclasses.fields(update) if f.name != "tensors"}
+    if update.leakage is not None:
+        fields["leakage"] = update.leakage.to_dict()
     TensorPayload(update.tensors, metadata={_UPDATE_METADATA_KEY: json.dumps(fields)}).write(Path(path))
 
 
@@ -182,4 +195,7 @@ def load_update(path: str | Path) -> ProtectedUpdate:
     if raw is None:
         raise ValueError(f"{path} has no {_UPDATE_METADATA_KEY!r} metadata: write it with "
                          "gradguard.transport.codec.save_update")
-    return ProtectedUpdate(tensors=safetensors.torch.load_file(str(path)), **json.loads(raw))
+    fields = json.loads(raw)
+    if fields.get("leakage") is not None:
+        fields["leakage"] = LeakageEstimate.from_dict(fields["leakage"])
+    return ProtectedUpdate(tensors=safetensors.torch.load_file(str(path)), **fields)

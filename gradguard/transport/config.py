@@ -1,6 +1,7 @@
 """The aggregator's round policy and limits: one dataclass with documented defaults."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from gradguard.transport.aggregation import RULES, Rule
@@ -31,6 +32,11 @@ class AggregatorConfig:
     max_update_norm: bound on the L2 norm of an update (all its tensors together); None: no bound.
     norm_bound: what happens beyond ``max_update_norm``: "clip" scales the update down to it,
         "refuse" rejects it (INVALID_ARGUMENT).
+    max_leakage_db: the most an update may be estimated to leak above the attacker's prior, in dB
+        of PSNR of its worst sample (the client's own estimate, ``ProtectedUpdate.leakage``, sent
+        in the header's ``leakage`` field). An update over it, one whose report says it missed
+        its own target, or one without a report is refused (FAILED_PRECONDITION) and the client
+        may submit another in the same round. None: no maximum (a malformed report is still refused).
     max_num_samples: the largest ``num_samples`` (FedAvg weight) accepted from any client; a
         client's own bound in clients.json (``{"id": {"token": ..., "max_num_samples": n}}``)
         can only lower it.
@@ -59,6 +65,7 @@ class AggregatorConfig:
     trim_fraction: float = 0.1
     max_update_norm: float | None = None
     norm_bound: str = "clip"
+    max_leakage_db: float | None = None
     max_num_samples: int = 1_000_000
     max_update_bytes: int = 512 * 2**20
     max_metadata_bytes: int = 64 * 2**10
@@ -79,6 +86,7 @@ class AggregatorConfig:
             "trim_fraction": 0 <= self.trim_fraction < 0.5,
             "max_update_norm": self.max_update_norm is None or self.max_update_norm > 0,
             "norm_bound": self.norm_bound in ("clip", "refuse"),
+            "max_leakage_db": self.max_leakage_db is None or 0 < self.max_leakage_db < math.inf,
             "max_num_samples": self.max_num_samples >= 1,
             "max_update_bytes": self.max_update_bytes > 0,
             "max_metadata_bytes": self.max_metadata_bytes >= 0,
@@ -92,8 +100,9 @@ class AggregatorConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid AggregatorConfig field(s) {bad}: see the AggregatorConfig docstring "
-                             f"(aggregation is one of {RULES}, norm_bound 'clip' or 'refuse', chunk_bytes "
-                             "stays under gRPC's 4 MiB message limit, control_workers < max_workers)")
+                             f"(aggregation is one of {RULES}, norm_bound 'clip' or 'refuse', max_leakage_db "
+                             "finite and > 0, chunk_bytes stays under gRPC's 4 MiB message limit, control_workers "
+                             "< max_workers)")
 
     @property
     def stream_workers(self) -> int:

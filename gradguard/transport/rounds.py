@@ -224,7 +224,8 @@ class RoundManager:
         check_header(header, client_id=client_id, max_update_bytes=self._config.max_update_bytes,
                      max_num_samples=min(self._config.max_num_samples,
                                          self._max_num_samples.get(client_id, self._config.max_num_samples)),
-                     max_metadata_bytes=self._config.max_metadata_bytes)
+                     max_metadata_bytes=self._config.max_metadata_bytes,
+                     max_leakage_db=self._config.max_leakage_db)
         with self._cond:  # a digest in the trailer: only the wrong round is known before the bytes
             known = self._known_update(client_id, header, header.sha256 or None)
         if known is not None:

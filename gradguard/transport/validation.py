@@ -10,11 +10,12 @@ import math
 import re
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import grpc
 import numpy as np
 
+from gradguard.leakage import LeakageEstimate
 from gradguard.transport._generated.v1 import aggregator_pb2 as pb
 from gradguard.transport.aggregation import combine_norms, l2_norm_squared_scaled
 from gradguard.transport.errors import TransportError
@@ -56,8 +57,9 @@ class ModelSpec:
 
 
 def check_header(header: pb.UpdateHeader, *, client_id: str, max_update_bytes: int, max_num_samples: int,
-                 max_metadata_bytes: int) -> None:
-    """Checks that need only the header: sender, kind, weight, declared size and checksum."""
+                 max_metadata_bytes: int, max_leakage_db: float | None) -> None:
+    """Checks that need only the header: sender, kind, weight, declared size, checksum and
+    leakage report."""
     if header.client_id != client_id:
         raise TransportError(grpc.StatusCode.PERMISSION_DENIED,
                              f"the update names client {header.client_id[:64]!r} but the credentials are "
@@ -83,6 +85,54 @@ def check_header(header: pb.UpdateHeader, *, client_id: str, max_update_bytes: i
         raise _invalid(f"total_bytes is {header.total_bytes}; the header must give the payload's length")
     if header.sha256:  # empty: the UpdateTrailer carries it
         check_sha256(header.sha256, "the header's")
+    check_leakage(decode_leakage(header), max_leakage_db=max_leakage_db)
+
+
+def decode_leakage(header: pb.UpdateHeader) -> LeakageEstimate | None:
+    """The header's leakage report as a :class:`LeakageEstimate` (None without one); a malformed
+    report is refused whether or not the server sets a maximum."""
+    if not header.HasField("leakage"):
+        return None
+    report = header.leakage
+    data: dict[str, object] = {}
+    for f in fields(LeakageEstimate):
+        if f.name == "estimators":
+            data[f.name] = list(report.estimators)
+        elif report.DESCRIPTOR.fields_by_name[f.name].has_presence and not report.HasField(f.name):
+            data[f.name] = None  # an SSIM not computed
+        else:
+            data[f.name] = getattr(report, f.name)
+    try:
+        return LeakageEstimate.from_dict(data)
+    except ValueError as err:
+        raise _invalid(f"the header's leakage report is malformed: {err}; send the guard's own estimate "
+                       "(update.leakage of guard.protected_update(), which AggregatorClient.submit sends)") from None
+
+
+def check_leakage(estimate: LeakageEstimate | None, *, max_leakage_db: float | None) -> None:
+    """With ``max_leakage_db`` set, the update must carry a report whose target was met and whose
+    worst sample is estimated to leak at most that much above the prior."""
+    if max_leakage_db is None:
+        return
+    limit = (f"this server accepts updates estimated to leak at most {max_leakage_db:g} dB above the attacker's "
+             "prior (AggregatorConfig.max_leakage_db, gradguard serve --max-leakage-db)")
+    retrain = f"train this round again with GuardConfig(leakage_target_db={max_leakage_db:g}) or lower"
+    if estimate is None:
+        raise TransportError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"the update carries no leakage report, and {limit}; fix: {retrain} (calibrated "
+                             "noise, the default, estimates every update's leakage) and submit "
+                             "guard.protected_update() with its report")
+    worst = f"{estimate.psnr_above_prior_max:.2f} dB above the prior (worst of {estimate.samples} samples)"
+    if not estimate.met:
+        raise TransportError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"the update's leakage report says it missed its own target of {estimate.target_db:g} "
+                             f"dB: it leaks up to {worst}, and {limit}; fix: {retrain}, with a larger "
+                             "max_amplitude so that the target is met")
+    if estimate.psnr_above_prior_max > max_leakage_db:
+        raise TransportError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"the update is estimated to leak up to {worst}, over this server's maximum of "
+                             f"{max_leakage_db:g} dB (AggregatorConfig.max_leakage_db, gradguard serve "
+                             f"--max-leakage-db); fix: {retrain}")
 
 
 def check_sha256(value: str, where: str) -> str:

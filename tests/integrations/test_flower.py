@@ -114,16 +114,36 @@ def test_client_reply_is_global_plus_the_guarded_round_delta_and_state_carries_o
                                          else 0)
         np.testing.assert_array_equal(value.numpy(), expected.astype(sent[name].dtype), err_msg=name)
     assert not np.array_equal(arrays["fc.weight"].numpy(), sent["fc.weight"].numpy())
-    assert dict(reply.content["metrics"]) == {"train-loss": 1.5, "num-examples": 8, "gradguard-steps": 2,
-                                              "gradguard-noise-amplitude": pytest.approx(GuardConfig().noise_amplitude)}
+    leakage = reference.update.leakage  # calibrated noise, the default: the update's own estimate
+    assert leakage is not None
+    assert dict(reply.content["metrics"]) == {
+        "train-loss": 1.5, "num-examples": 8, "gradguard-steps": 2,
+        # The amplitude the calibration chose, not the fixed rule's scheduled w_t.
+        "gradguard-noise-amplitude": pytest.approx(leakage.amplitude_max),
+        "gradguard-leakage-psnr-max": pytest.approx(leakage.psnr_above_prior_max),
+        "gradguard-leakage-psnr-mean": pytest.approx(leakage.psnr_above_prior_mean),
+        "gradguard-leakage-ssim-max": pytest.approx(leakage.ssim_above_prior_max),
+        "gradguard-leakage-target": GuardConfig().calibration.leakage_target_db,
+        "gradguard-leakage-met": 1.0}
     record = reply.content["gradguard"]
     assert (record["defense"], record["round"], record["num-steps"], record["client-id"]) == \
         ("gradguard", 0, 2, "partition-0")
     assert "seed" not in json.loads(record["config"])  # the noise seed never leaves the node
 
+
+def test_the_fixed_rules_masks_carry_over_between_rounds_and_its_amplitude_is_reported():
+    run = {**RUN, "gradguard.preset": "targeted"}
+    sent, context = initial_arrays(), node(0, run, seed=11)
+    reply = tiny_app()(train_message(sent, 1), context)
+    assert not reply.has_error(), reply.error
+    metrics = dict(reply.content["metrics"])
+    assert metrics["gradguard-noise-amplitude"] == pytest.approx(GuardConfig.preset("targeted").noise_amplitude)
+    assert not any(key.startswith("gradguard-leakage-") for key in metrics)  # no estimate without calibration
+
     # Round 2 picks the masks up from Context.state: with them the update differs from a fresh guard's.
+    arrays = reply.content["arrays"]
     second = tiny_app()(train_message(arrays, 2), context)
-    fresh = tiny_app()(train_message(arrays, 2), node(0, RUN, seed=11))
+    fresh = tiny_app()(train_message(arrays, 2), node(0, run, seed=11))
     assert not second.has_error() and not fresh.has_error()
     assert second.content["gradguard"]["round"] == 1
     assert not np.array_equal(second.content["arrays"]["fc.weight"].numpy(),
@@ -193,3 +213,38 @@ def test_strategy_aggregates_only_wellformed_protected_replies():
         strategy.aggregate_train(2, good)
 
 
+def test_strategy_keeps_each_clients_leakage_report():
+    # Every sample is noised under the malicious server: a non-zero amplitude. 8x8 images need
+    # more than the default target's noise allows (see the next test).
+    run = {**RUN, "gradguard.threat": "malicious_server", "gradguard.leakage-target-db": 6.0}
+    sent = initial_arrays()
+    replies = [tiny_app()(train_message(sent, 1, node_id=n), node(n, run, seed=n)) for n in (1, 2)]
+    strategy = GradGuardStrategy(_Recorded(min_available_nodes=1, min_train_nodes=1))
+    strategy.configure_train(1, sent, ConfigRecord(), grid=None)
+    strategy.aggregate_train(1, replies)
+
+    # Each client's numbers are its own update's: the same round run without Flower, same seed.
+    for n, row in zip((1, 2), strategy.client_metrics, strict=True):
+        model = TinyNet()
+        model.load_state_dict(sent.to_torch_state_dict())
+        leakage = guarded_round(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                lambda m, o, g: tiny_train(m, o, g, None), config=guard_config(run).with_(seed=n),
+                                client_id=f"partition-{n}", round=0).update.leakage
+        assert leakage is not None and leakage.noised_samples == 8 and leakage.amplitude_max > 0
+        assert (row["round"], row["stage"], row["node-id"]) == (1, "train", n)
+        assert row["gradguard-noise-amplitude"] == pytest.approx(leakage.amplitude_max)
+        assert row["gradguard-leakage-psnr-max"] == pytest.approx(leakage.psnr_above_prior_max)
+        assert row["gradguard-leakage-psnr-mean"] == pytest.approx(leakage.psnr_above_prior_mean)
+        assert row["gradguard-leakage-ssim-max"] == pytest.approx(leakage.ssim_above_prior_max)
+        assert row["gradguard-leakage-target"] == leakage.target_db
+        assert row["gradguard-leakage-met"] == float(leakage.met)
+
+
+
+
+def test_a_missed_leakage_target_is_reported_as_such():
+    run = {**RUN, "gradguard.threat": "malicious_server", "gradguard.max-amplitude": 0.01}
+    reply = tiny_app()(train_message(initial_arrays(), 1), node(0, run))
+    assert reply.has_error()
+    assert "withheld the update" in reply.error.reason and "max_amplitude=0.01" in reply.error.reason
+    assert "did not train through the guard" not in reply.error.reason

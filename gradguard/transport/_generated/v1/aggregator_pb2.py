@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2gradguard/transport/_generated/v1/aggregator.proto\x12\x0cgradguard.v1\"J\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x10\n\x08\x61veraged\x18\x04 \x01(\x08\"\r\n\x0bJoinRequest\"\x91\x01\n\x0cJoinResponse\x12\r\n\x05round\x18\x01 \x01(\x03\x12)\n\x07tensors\x18\x02 \x03(\x0b\x32\x18.gradguard.v1.TensorSpec\x12\x18\n\x10max_update_bytes\x18\x03 \x01(\x03\x12\x13\n\x0bmin_clients\x18\x04 \x01(\x05\x12\x18\n\x10round_deadline_s\x18\x05 \x01(\x01\"2\n\x12\x46\x65tchGlobalRequest\x12\x12\n\x05round\x18\x01 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_round\"G\n\x11GlobalModelHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"`\n\x10GlobalModelChunk\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.gradguard.v1.GlobalModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\x8e\x03\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x12\x11\n\tnum_steps\x18\x05 \x01(\x03\x12\x17\n\nbatch_size\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07\x65psilon\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05\x64\x65lta\x18\t \x01(\x01H\x03\x88\x01\x01\x12:\n\x08metadata\x18\n \x03(\x0b\x32(.gradguard.v1.UpdateHeader.MetadataEntry\x12\x13\n\x0btotal_bytes\x18\x0b \x01(\x03\x12\x0e\n\x06sha256\x18\x0c \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\r\n\x0b_batch_sizeB\x10\n\x0e_learning_rateB\n\n\x08_epsilonB\x08\n\x06_delta\"\x1f\n\rUpdateTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x8e\x01\n\x13SubmitUpdateRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.gradguard.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12.\n\x07trailer\x18\x03 \x01(\x0b\x32\x1b.gradguard.v1.UpdateTrailerH\x00\x42\t\n\x07payload\"c\n\x14SubmitUpdateResponse\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x19\n\x11\x61\x63\x63\x65pted_in_round\x18\x04 \x01(\x05\"\x0f\n\rStatusRequest\"\xa7\x01\n\x0eStatusResponse\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x19\n\x11\x61\x63\x63\x65pted_in_round\x18\x02 \x01(\x05\x12\x16\n\x0ejoined_clients\x18\x03 \x01(\x05\x12\x13\n\x0bmin_clients\x18\x04 \x01(\x05\x12\x1b\n\x13seconds_to_deadline\x18\x05 \x01(\x01\x12\x0e\n\x06joined\x18\x06 \x01(\x08\x12\x11\n\tsubmitted\x18\x07 \x01(\x08\x32\xbf\x02\n\nAggregator\x12=\n\x04Join\x12\x19.gradguard.v1.JoinRequest\x1a\x1a.gradguard.v1.JoinResponse\x12Q\n\x0b\x46\x65tchGlobal\x12 .gradguard.v1.FetchGlobalRequest\x1a\x1e.gradguard.v1.GlobalModelChunk0\x01\x12W\n\x0cSubmitUpdate\x12!.gradguard.v1.SubmitUpdateRequest\x1a\".gradguard.v1.SubmitUpdateResponse(\x01\x12\x46\n\tGetStatus\x12\x1b.gradguard.v1.StatusRequest\x1a\x1c.gradguard.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2gradguard/transport/_generated/v1/aggregator.proto\x12\x0cgradguard.v1\"J\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x10\n\x08\x61veraged\x18\x04 \x01(\x08\"\r\n\x0bJoinRequest\"\x91\x01\n\x0cJoinResponse\x12\r\n\x05round\x18\x01 \x01(\x03\x12)\n\x07tensors\x18\x02 \x03(\x0b\x32\x18.gradguard.v1.TensorSpec\x12\x18\n\x10max_update_bytes\x18\x03 \x01(\x03\x12\x13\n\x0bmin_clients\x18\x04 \x01(\x05\x12\x18\n\x10round_deadline_s\x18\x05 \x01(\x01\"2\n\x12\x46\x65tchGlobalRequest\x12\x12\n\x05round\x18\x01 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_round\"G\n\x11GlobalModelHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"`\n\x10GlobalModelChunk\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.gradguard.v1.GlobalModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\xbc\x03\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x12\x11\n\tnum_steps\x18\x05 \x01(\x03\x12\x17\n\nbatch_size\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07\x65psilon\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05\x64\x65lta\x18\t \x01(\x01H\x03\x88\x01\x01\x12:\n\x08metadata\x18\n \x03(\x0b\x32(.gradguard.v1.UpdateHeader.MetadataEntry\x12\x13\n\x0btotal_bytes\x18\x0b \x01(\x03\x12\x0e\n\x06sha256\x18\x0c \x01(\t\x12,\n\x07leakage\x18\r \x01(\x0b\x32\x1b.gradguard.v1.LeakageReport\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\r\n\x0b_batch_sizeB\x10\n\x0e_learning_rateB\n\n\x08_epsilonB\x08\n\x06_delta\"\xe2\x02\n\rLeakageReport\x12\x0e\n\x06threat\x18\x01 \x01(\t\x12\x12\n\nestimators\x18\x02 \x03(\t\x12\x11\n\ttarget_db\x18\x03 \x01(\x01\x12\x1c\n\x14psnr_above_prior_max\x18\x04 \x01(\x01\x12\x1d\n\x15psnr_above_prior_mean\x18\x05 \x01(\x01\x12!\n\x14ssim_above_prior_max\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x15ssim_above_prior_mean\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\ramplitude_max\x18\x08 \x01(\x01\x12\x16\n\x0e\x61mplitude_mean\x18\t \x01(\x01\x12\x0f\n\x07samples\x18\n \x01(\x03\x12\x16\n\x0enoised_samples\x18\x0b \x01(\x03\x12\x0b\n\x03met\x18\x0c \x01(\x08\x42\x17\n\x15_ssim_above_prior_maxB\x18\n\x16_ssim_above_prior_mean\"\x1f\n\rUpdateTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x8e\x01\n\x13SubmitUpdateRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.gradguard.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12.\n\x07trailer\x18\x03 \x01(\x0b\x32\x1b.gradguard.v1.UpdateTrailerH\x00\x42\t\n\x07payload\"c\n\x14SubmitUpdateResponse\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x19\n\x11\x61\x63\x63\x65pted_in_round\x18\x04 \x01(\x05\"\x0f\n\rStatusRequest\"\xa7\x01\n\x0eStatusResponse\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x19\n\x11\x61\x63\x63\x65pted_in_round\x18\x02 \x01(\x05\x12\x16\n\x0ejoined_clients\x18\x03 \x01(\x05\x12\x13\n\x0bmin_clients\x18\x04 \x01(\x05\x12\x1b\n\x13seconds_to_deadline\x18\x05 \x01(\x01\x12\x0e\n\x06joined\x18\x06 \x01(\x08\x12\x11\n\tsubmitted\x18\x07 \x01(\x08\x32\xbf\x02\n\nAggregator\x12=\n\x04Join\x12\x19.gradguard.v1.JoinRequest\x1a\x1a.gradguard.v1.JoinResponse\x12Q\n\x0b\x46\x65tchGlobal\x12 .gradguard.v1.FetchGlobalRequest\x1a\x1e.gradguard.v1.GlobalModelChunk0\x01\x12W\n\x0cSubmitUpdate\x12!.gradguard.v1.SubmitUpdateRequest\x1a\".gradguard.v1.SubmitUpdateResponse(\x01\x12\x46\n\tGetStatus\x12\x1b.gradguard.v1.StatusRequest\x1a\x1c.gradguard.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,19 +46,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GLOBALMODELCHUNK']._serialized_start=432
   _globals['_GLOBALMODELCHUNK']._serialized_end=528
   _globals['_UPDATEHEADER']._serialized_start=531
-  _globals['_UPDATEHEADER']._serialized_end=929
-  _globals['_UPDATEHEADER_METADATAENTRY']._serialized_start=827
-  _globals['_UPDATEHEADER_METADATAENTRY']._serialized_end=874
-  _globals['_UPDATETRAILER']._serialized_start=931
-  _globals['_UPDATETRAILER']._serialized_end=962
-  _globals['_SUBMITUPDATEREQUEST']._serialized_start=965
-  _globals['_SUBMITUPDATEREQUEST']._serialized_end=1107
-  _globals['_SUBMITUPDATERESPONSE']._serialized_start=1109
-  _globals['_SUBMITUPDATERESPONSE']._serialized_end=1208
-  _globals['_STATUSREQUEST']._serialized_start=1210
-  _globals['_STATUSREQUEST']._serialized_end=1225
-  _globals['_STATUSRESPONSE']._serialized_start=1228
-  _globals['_STATUSRESPONSE']._serialized_end=1395
-  _globals['_AGGREGATOR']._serialized_start=1398
-  _globals['_AGGREGATOR']._serialized_end=1717
+  _globals['_UPDATEHEADER']._serialized_end=975
+  _globals['_UPDATEHEADER_METADATAENTRY']._serialized_start=873
+  _globals['_UPDATEHEADER_METADATAENTRY']._serialized_end=920
+  _globals['_LEAKAGEREPORT']._serialized_start=978
+  _globals['_LEAKAGEREPORT']._serialized_end=1332
+  _globals['_UPDATETRAILER']._serialized_start=1334
+  _globals['_UPDATETRAILER']._serialized_end=1365
+  _globals['_SUBMITUPDATEREQUEST']._serialized_start=1368
+  _globals['_SUBMITUPDATEREQUEST']._serialized_end=1510
+  _globals['_SUBMITUPDATERESPONSE']._serialized_start=1512
+  _globals['_SUBMITUPDATERESPONSE']._serialized_end=1611
+  _globals['_STATUSREQUEST']._serialized_start=1613
+  _globals['_STATUSREQUEST']._serialized_end=1628
+  _globals['_STATUSRESPONSE']._serialized_start=1631
+  _globals['_STATUSRESPONSE']._serialized_end=1798
+  _globals['_AGGREGATOR']._serialized_start=1801
+  _globals['_AGGREGATOR']._serialized_end=2120
 # @@protoc_insertion_point(module_scope)

@@ -60,7 +60,7 @@ class GlobalModelChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[GlobalModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "client_id", "kind", "num_samples", "num_steps", "batch_size", "learning_rate", "epsilon", "delta", "metadata", "total_bytes", "sha256")
+    __slots__ = ("round", "client_id", "kind", "num_samples", "num_steps", "batch_size", "learning_rate", "epsilon", "delta", "metadata", "total_bytes", "sha256", "leakage")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class UpdateHeader(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    LEAKAGE_FIELD_NUMBER: _ClassVar[int]
     round: int
     client_id: str
     kind: str
@@ -92,7 +93,36 @@ class UpdateHeader(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     total_bytes: int
     sha256: str
-    def __init__(self, round: _Optional[int] = ..., client_id: _Optional[str] = ..., kind: _Optional[str] = ..., num_samples: _Optional[int] = ..., num_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    leakage: LeakageReport
+    def __init__(self, round: _Optional[int] = ..., client_id: _Optional[str] = ..., kind: _Optional[str] = ..., num_samples: _Optional[int] = ..., num_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., leakage: _Optional[_Union[LeakageReport, _Mapping]] = ...) -> None: ...
+
+class LeakageReport(_message.Message):
+    __slots__ = ("threat", "estimators", "target_db", "psnr_above_prior_max", "psnr_above_prior_mean", "ssim_above_prior_max", "ssim_above_prior_mean", "amplitude_max", "amplitude_mean", "samples", "noised_samples", "met")
+    THREAT_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATORS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_DB_FIELD_NUMBER: _ClassVar[int]
+    PSNR_ABOVE_PRIOR_MAX_FIELD_NUMBER: _ClassVar[int]
+    PSNR_ABOVE_PRIOR_MEAN_FIELD_NUMBER: _ClassVar[int]
+    SSIM_ABOVE_PRIOR_MAX_FIELD_NUMBER: _ClassVar[int]
+    SSIM_ABOVE_PRIOR_MEAN_FIELD_NUMBER: _ClassVar[int]
+    AMPLITUDE_MAX_FIELD_NUMBER: _ClassVar[int]
+    AMPLITUDE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NOISED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MET_FIELD_NUMBER: _ClassVar[int]
+    threat: str
+    estimators: _containers.RepeatedScalarFieldContainer[str]
+    target_db: float
+    psnr_above_prior_max: float
+    psnr_above_prior_mean: float
+    ssim_above_prior_max: float
+    ssim_above_prior_mean: float
+    amplitude_max: float
+    amplitude_mean: float
+    samples: int
+    noised_samples: int
+    met: bool
+    def __init__(self, threat: _Optional[str] = ..., estimators: _Optional[_Iterable[str]] = ..., target_db: _Optional[float] = ..., psnr_above_prior_max: _Optional[float] = ..., psnr_above_prior_mean: _Optional[float] = ..., ssim_above_prior_max: _Optional[float] = ..., ssim_above_prior_mean: _Optional[float] = ..., amplitude_max: _Optional[float] = ..., amplitude_mean: _Optional[float] = ..., samples: _Optional[int] = ..., noised_samples: _Optional[int] = ..., met: bool = ...) -> None: ...
 
 class UpdateTrailer(_message.Message):
     __slots__ = ("sha256",)
