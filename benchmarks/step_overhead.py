@@ -1,4 +1,6 @@
-"""Training step time: plain, GradGuard and Opacus DP-SGD, interleaved on the same batches in one process.
+"""Training step time: plain, GradGuard's targeted masks and Opacus DP-SGD, interleaved on the same batches.
+
+The calibrated default's cost per round is `calibration_cost.py`'s.
 
 Per model and batch size, three fresh copies of one model train side by side, one step of each
 variant on the same batch before the next batch, so machine noise hits them alike:
@@ -59,7 +61,8 @@ class Variant:
     def step(self, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
         start = time.perf_counter()
         if not self.wrapped:
-            GradGuard(GuardConfig(refresh_every=self.refresh_every, seed=0)).wrap(self.model, self.optimizer)
+            GradGuard(GuardConfig.preset("targeted", refresh_every=self.refresh_every, seed=0)).wrap(
+                self.model, self.optimizer)
             self.wrapped = True
         self.optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(self.model(x), y).backward()

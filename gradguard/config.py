@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from gradguard.errors import ConfigError
+from gradguard.leakage import Threat
 from gradguard.update import UpdateKind
 
 NoiseKind = Literal["gaussian", "smooth", "uniform", "mask"]
@@ -27,7 +28,6 @@ RelevanceClass = Literal["label", "predicted"]
 Normalization = Literal["rms", "peak"]
 Accountant = Literal["rdp", "prv", "gdp"]
 BatchNormStatistics = Literal["noised", "clean"]
-Threat = Literal["honest_server", "malicious_server"]
 OnTargetMissed = Literal["flag", "raise"]
 
 Checks = dict[str, tuple[bool, str]]

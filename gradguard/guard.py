@@ -429,6 +429,8 @@ class GradGuard:
             if previous is not self:
                 self.masks, self.shadow, self.round = previous.masks, previous.shadow, previous.round
                 self._shadow_state, self._shadow_dims = previous._shadow_state, previous._shadow_dims
+                self._prior_sum, self._prior_ids, self._probed = previous._prior_sum, previous._prior_ids, \
+                    previous._probed
                 self._accountant = previous._accountant
         if dataset_size is None and data_loader is not None:
             dataset_size = len(data_loader.dataset)  # type: ignore[arg-type]
@@ -502,7 +504,8 @@ class GradGuard:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The guard's state as named CPU tensors, integers as int64 scalars (safetensors can save it;
         no pickle): the per-sample masks and their refresh steps, the shadow, the round, the step
-        count and hybrid DP's accountant history. The noise seed is not part of it."""
+        count, hybrid DP's accountant history, and calibration's prior (the sum and ids of the images
+        seen) and last probe. The noise seed is not part of it."""
         out = {"round": torch.tensor(self.round), "total_steps": torch.tensor(self.total_steps)}
         for sid, mask in self.masks.masks.items():
             out[f"masks.{sid}"] = mask.detach().cpu().contiguous()
@@ -514,12 +517,19 @@ class GradGuard:
         if self._accountant is not None and self._accountant.history:
             # One row per (noise multiplier, sample rate, steps) the accountant was charged.
             out["accountant.history"] = torch.tensor(self._accountant.history, dtype=torch.float64)
+        if self._prior_sum is not None:
+            out["prior.sum"] = self._prior_sum.detach().cpu().contiguous()
+            out["prior.ids"] = torch.tensor([list(sid.encode("ascii")) for sid in sorted(self._prior_ids)],
+                                            dtype=torch.uint8)
+        if self._probed is not None:
+            out["probe"] = torch.tensor(self._probed, dtype=torch.float64)
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` saved, or a part of it (e.g. only the ``shadow.`` entries, to
         start from a pre-trained shadow). The shadow is rebuilt at its next use, on the model's device."""
-        scalars, prefixes = ("round", "total_steps", "accountant.history"), ("masks.", "refreshed_at.", "shadow.")
+        scalars = ("round", "total_steps", "accountant.history", "prior.sum", "prior.ids", "probe")
+        prefixes = ("masks.", "refreshed_at.", "shadow.")
         unknown = sorted(k for k in state if k not in scalars and not k.startswith(prefixes))
         if unknown:
             raise GradGuardError(f"not a GradGuard state: unexpected keys {unknown[:5]}; fix: pass guard.state_dict()")
@@ -539,6 +549,12 @@ class GradGuard:
             self.masks = mk.MaskStore(masks, {sid: int(state.get(f"refreshed_at.{sid}", 0)) for sid in masks})
         if shadow:
             self.shadow, self._shadow_state = None, shadow
+        if "prior.sum" in state and "prior.ids" in state:
+            self._prior_sum = state["prior.sum"].double()
+            self._prior_ids = {bytes(row.tolist()).decode("ascii") for row in state["prior.ids"]}
+        if "probe" in state:
+            r, batch, fraction, estimate = state["probe"].tolist()
+            self._probed = (int(r), int(batch), fraction, estimate)
         if "accountant.history" in state:
             self._accountant = new_accountant(self.config.dp.accountant)
             self._accountant.history = [(float(s), float(q), int(n))

@@ -163,3 +163,21 @@ def test_leakage_estimate_round_trips_and_refuses_malformed_fields():
                    {k: v for k, v in data.items() if k != "threat"}):
         with pytest.raises(ValueError):
             LeakageEstimate.from_dict(broken)
+
+
+def test_the_prior_and_the_probe_survive_a_state_round_trip_and_a_new_guard(chest_batch, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    images, labels = chest_batch[0][:4], chest_batch[1][:4]
+    guard = GradGuard(GuardConfig(probe_steps=5, seed=0))
+    model = SmallCNN(1, 2, width=8)
+    fedsgd(guard, model, images, labels)
+    save_file(guard.state_dict(), str(tmp_path / "guard.safetensors"))
+    fresh = GradGuard(GuardConfig(probe_steps=5, seed=0))
+    fresh.load_state_dict(load_file(str(tmp_path / "guard.safetensors")))
+    assert fresh._prior_ids == guard._prior_ids and len(fresh._prior_ids) == 4
+    torch.testing.assert_close(fresh._prior_sum, guard._prior_sum)
+    assert fresh._probed == guard._probed
+    taker = GradGuard(GuardConfig(probe_steps=5, seed=0))
+    taker.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01))  # takes over the guard on the model
+    assert taker._probed == guard._probed and taker._prior_ids == guard._prior_ids
