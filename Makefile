@@ -7,7 +7,7 @@ EXTRAS ?= dev,eval,flower
 SHARED ?= $(abspath ../shared)
 export GRADGUARD_SHARED ?= $(SHARED)
 
-.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-leakage bench-leakage-full bench-paper bench-paper-seeds bench-mid-clients proto clean
+.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-leakage bench-leakage-full bench-calibrated bench-calibration-cost bench-paper bench-paper-seeds bench-mid-clients proto clean
 
 venv: $(STAMP)
 
@@ -57,6 +57,19 @@ bench-leakage: $(STAMP)
 bench-leakage-full: $(STAMP)
 	$(call leakage,leakage-full)
 
+# The calibrated default: its utility over the federation benchmark's protocol (5 seeds per dataset,
+# benchmarks/results/calibrated/<dataset>), then its leakage benchmark, which reads that utility.
+bench-calibrated: $(STAMP)
+	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/calibrated.toml --no-progress $(BENCH_ARGS) \
+		--datasets pneumoniamnist --out bench-out/calibrated --report-dir benchmarks/results/calibrated/pneumoniamnist & \
+	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/calibrated.toml --no-progress $(BENCH_ARGS) \
+		--datasets retinamnist --out bench-out/calibrated --report-dir benchmarks/results/calibrated/retinamnist & \
+	wait
+	$(call leakage,leakage-calibrated)
+
+bench-calibration-cost: $(STAMP)
+	$(PY) benchmarks/calibration_cost.py
+
 # The federation benchmark's full report (benchmarks/experiments/paper.toml) on CPU: one process per
 # dataset sharing the cache in bench-out/paper (a rerun resumes), then one report over both.
 bench-paper: $(STAMP)
@@ -84,7 +97,7 @@ bench-mid-clients: $(STAMP)
 	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/mid-clients-retinamnist.toml --no-progress \
 		$(BENCH_ARGS) --out bench-out/mid-clients --report-dir benchmarks/results/mid-clients/retinamnist
 
-bench: bench-step bench-shadow bench-transport
+bench: bench-step bench-calibration-cost bench-shadow bench-transport
 
 # Regenerates gradguard/transport/_generated/v1 from protos/gradguard/v1 (the generated code is
 # committed; this target is only for changing the .proto). grpcio-tools lives in a throwaway venv:

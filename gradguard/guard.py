@@ -567,7 +567,8 @@ class GradGuard:
 
     @property
     def noise_amplitude(self) -> float:
-        """This round's scheduled noise amplitude w_t, before the batch and update scaling."""
+        """This round's scheduled noise amplitude w_t, before the batch and update scaling (the fixed
+        rule; calibrated noise reports its amplitudes in ``protected_update().leakage``)."""
         return self._schedules()[0]
 
     # ------------------------------------------------------------------ the update

@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from gradguard import GuardConfig
+from gradguard import GradGuardWarning, GuardConfig
 from gradguard.integrations.flower import (GradGuardStrategy, current_guard, gradguard_mod, guard_config,
                                            guarded_round, protected_arrays)
 
@@ -244,7 +244,11 @@ def test_strategy_keeps_each_clients_leakage_report():
 
 def test_a_missed_leakage_target_is_reported_as_such():
     run = {**RUN, "gradguard.threat": "malicious_server", "gradguard.max-amplitude": 0.01}
-    reply = tiny_app()(train_message(initial_arrays(), 1), node(0, run))
+    with pytest.warns(GradGuardWarning, match="flagged"):  # the default flags the update
+        flagged = tiny_app()(train_message(initial_arrays(), 1), node(0, run))
+    assert not flagged.has_error()
+    assert next(iter(flagged.content.metric_records.values()))["gradguard-leakage-met"] == 0.0
+    reply = tiny_app()(train_message(initial_arrays(), 1), node(0, {**run, "gradguard.on-target-missed": "raise"}))
     assert reply.has_error()
     assert "withheld the update" in reply.error.reason and "max_amplitude=0.01" in reply.error.reason
     assert "did not train through the guard" not in reply.error.reason
