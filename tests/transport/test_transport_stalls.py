@@ -82,14 +82,14 @@ def test_one_upload_in_flight_per_client(start_server, connect):
 
 
 def test_a_fetch_that_is_never_read_is_cut(start_server, connect):
-    big = {"w": torch.zeros(4 << 20), "n": torch.tensor(3)}  # 16 MB: beyond what gRPC buffers for a reader
+    big = {"w": torch.zeros(16 << 20), "n": torch.tensor(3)}  # 64 MB: far beyond what gRPC buffers for a reader
     server = start_server(big, clients=TOKENS, max_workers=4, control_workers=2, idle_timeout_s=1.0)
     unread = []
     for client_id in ("c1", "c2"):
         channel = grpc.insecure_channel(server.address, options=[("grpc.http2.bdp_probe", 0)])
         stream = pb_grpc.AggregatorStub(channel).FetchGlobal(
             pb.FetchGlobalRequest(), metadata=call_metadata(client_id, TOKENS[client_id]), timeout=60)
-        assert next(stream).header.total_bytes > 16 << 20
+        assert next(stream).header.total_bytes > 64 << 20
         unread.append((channel, stream))
     try:
         assert connect(server, "c5", token=TOKENS["c5"], timeout_s=5).status().round == 0
