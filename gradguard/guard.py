@@ -54,6 +54,9 @@ if TYPE_CHECKING:  # opacus is imported only when hybrid DP is used
 # never drags the guard (and its optimizer) along.
 _GUARDS: weakref.WeakKeyDictionary[nn.Module, GradGuard] = weakref.WeakKeyDictionary()
 
+# Bisection stops within this of the target: an estimate this close counts as meeting it.
+_TARGET_TOLERANCE_DB = 1e-6
+
 InputSelector = int | str
 """The noised input of ``forward``: a position among its positional arguments, or a parameter name."""
 LogitsSelector = int | str | Callable[[Any], torch.Tensor]
@@ -126,6 +129,11 @@ class _Call:
         else:
             kwargs[self.slot] = images
         return tuple(args), kwargs
+
+
+def _scale(images: torch.Tensor) -> torch.Tensor:
+    """Each image's max |x|, the unit of the noise amplitude ([N])."""
+    return images.detach().flatten(1).abs().amax(dim=1).clamp_min(1e-12)
 
 
 def _describe(value: Any) -> str:
@@ -583,7 +591,7 @@ class GradGuard:
                                  "so no epsilon covers this update; fix: step only the optimizer wrap() returned")
         leakage = self._leakage() if cfg.calibration.enabled else None
         if leakage is not None and not leakage.met:
-            missed = sum(p.psnr_db > leakage.target_db + 1e-6 for p in state.plans.values())
+            missed = sum(p.psnr_db > leakage.target_db + _TARGET_TOLERANCE_DB for p in state.plans.values())
             problem = (f"{missed} of the round's {leakage.samples} samples would leak up to "
                        f"{leakage.psnr_above_prior_max:.2f} dB above the prior at the most noise allowed "
                        f"(max_amplitude={cfg.calibration.max_amplitude}), over the target of {leakage.target_db} dB")
@@ -746,7 +754,7 @@ class GradGuard:
         if self.config.calibration.enabled:
             others = len(images) - 1
             prior = (images.sum(dim=0, keepdim=True) - images) / others if others else self._flat_prior(images)
-            sigma = self._calibrated_sigma(images, prior)
+            sigma = self._calibrated_sigma(images, prior, self._spectrum(images))
             noised = images + mk.per_sample(sigma, images) * mk.normalize(self._noise_like(images), "rms")
         else:
             noised = self.noised(images, mask)
@@ -848,14 +856,15 @@ class GradGuard:
         """Each image's own mean intensity per channel: the prior while no other image is known."""
         return images.mean(dim=tuple(range(2, images.ndim)), keepdim=True).expand_as(images)
 
-    def _calibrated_sigma(self, images: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    def _calibrated_sigma(self, images: torch.Tensor, prior: torch.Tensor, spectrum: torch.Tensor) -> torch.Tensor:
         """Per image, the least noise (std per pixel) whose bound meets the target, at most max_amplitude."""
-        cal, noise_cfg = self.config.calibration, self.config.noise
+        cal = self.config.calibration
         assert cal.leakage_target_db is not None
-        spectrum = bound.noise_spectrum(images, kind=noise_cfg.kind, smoothness=noise_cfg.smoothness)
-        scale = images.detach().flatten(1).abs().amax(dim=1).clamp_min(1e-12)
         return bound.calibrate_sigma(images.detach(), prior, target_db=cal.leakage_target_db, spectrum=spectrum,
-                                     max_sigma=cal.max_amplitude * scale)
+                                     max_sigma=cal.max_amplitude * _scale(images))
+
+    def _spectrum(self, images: torch.Tensor) -> torch.Tensor:
+        return bound.noise_spectrum(images, kind=self.config.noise.kind, smoothness=self.config.noise.smoothness)
 
     def _sample_noise(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """Unit-RMS noise per image from each sample's own seed: the same draw at every view."""
@@ -907,37 +916,42 @@ class GradGuard:
         batch is probed with fractions of it (every ``probe_every`` rounds), and every sample of the
         round gets the least fraction the probe finds enough: none at all when the clean update leaks nothing.
         """
-        cal, noise_cfg, state = self.config.calibration, self.config.noise, self._state
+        cal, state = self.config.calibration, self._state
         self._observe(images, ids)
         new = [i for i, sid in enumerate(ids) if sid not in state.plans]
         if new:
             x = images[new].detach()
-            prior = self._priors(x)
+            prior, spectrum = self._priors(x), self._spectrum(x)
             seeds = [derive_seed(self.seed, "noise", self.round, ids[i]) for i in new]
             noise = self._sample_noise(x, seeds)
-            full = self._calibrated_sigma(x, prior)
+            full: torch.Tensor | None = None
             fraction, probed = 1.0, math.inf
             if cal.threat == "honest_server":
                 if state.probe is None:
                     # Leakage changes with the batch size at once, with the model slowly: re-probe on either.
                     if self._probed is None or self._probed[1] != len(images) \
                             or not 0 <= self.round - self._probed[0] < cal.probe_every:
+                        full = self._calibrated_sigma(x, prior, spectrum)
                         found = self._honest_fraction(x, None if labels is None else labels[new], call, prior,
                                                       full, noise)
                         self._probed = (self.round, len(images), *found)
                     state.probe = self._probed[2:]
                 fraction, probed = state.probe
-            sigma = fraction * full
-            spectrum = bound.noise_spectrum(x, kind=noise_cfg.kind, smoothness=noise_cfg.smoothness)
-            scale = x.flatten(1).abs().amax(dim=1).clamp_min(1e-12)
+            if fraction == 0:  # the probe found the round harmless: no bound to solve
+                sigma = torch.zeros(len(x), dtype=x.dtype, device=x.device)
+            else:
+                sigma = fraction * (full if full is not None else self._calibrated_sigma(x, prior, spectrum))
             noised = x + mk.per_sample(sigma, x) * noise
             psnr = bound.wiener_leakage_db(x, prior, sigma, spectrum=spectrum).clamp_max(probed)
             estimate = bound.wiener_estimate(noised, x, prior, sigma, spectrum=spectrum) if x.ndim == 4 else None
             ssim = self._ssim_above(x, prior, estimate)
+            amplitude = sigma / _scale(x)
             for j, i in enumerate(new):
-                state.plans[ids[i]] = _SamplePlan(amplitude=float(sigma[j] / scale[j]), sigma=float(sigma[j]),
+                state.plans[ids[i]] = _SamplePlan(amplitude=float(amplitude[j]), sigma=float(sigma[j]),
                                                   seed=seeds[j], psnr_db=float(psnr[j]), ssim_db=float(ssim[j]))
         plans = [state.plans[sid] for sid in ids]
+        if not any(p.sigma for p in plans):  # nothing to add: skip drawing the noise on every step
+            return images
         sigma = torch.tensor([p.sigma for p in plans], device=images.device, dtype=images.dtype)
         return images + mk.per_sample(sigma, images) * self._sample_noise(images, [p.seed for p in plans])
 
@@ -964,7 +978,7 @@ class GradGuard:
             ssim_above_prior_max=max(ssim), ssim_above_prior_mean=sum(ssim) / len(ssim),
             amplitude_max=max(amplitude), amplitude_mean=sum(amplitude) / len(amplitude), samples=len(plans),
             noised_samples=sum(a > 0 for a in amplitude),
-            met=max(psnr) <= cal.leakage_target_db + 1e-6)
+            met=max(psnr) <= cal.leakage_target_db + _TARGET_TOLERANCE_DB)
 
     def _clean_batchnorm_statistics(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Running statistics from the clean batch; the noised forward then leaves them alone.

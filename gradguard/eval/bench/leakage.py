@@ -363,11 +363,11 @@ def _attack(experiment: Experiment, data: Data, setting: LeakageSetting, spec: S
 def conservative_rate(cells: Sequence[LeakageCell]) -> float | None:
     """The fraction of attacked updates whose own leakage estimate is at least the strongest
     attack's PSNR above the prior minus 1 dB (None when no update carried an estimate)."""
-    estimated = [c for c in cells if c.estimated_psnr_above_prior is not None]
-    if not estimated:
+    pairs = [(c.estimated_psnr_above_prior, c.above_prior()["psnr"]) for c in cells
+             if c.estimated_psnr_above_prior is not None]
+    if not pairs:
         return None
-    return float(np.mean([c.estimated_psnr_above_prior >= c.above_prior()["psnr"] - 1.0  # type: ignore[operator]
-                          for c in estimated]))
+    return float(np.mean([estimate >= attack - 1.0 for estimate, attack in pairs]))
 
 
 def sign_test(differences: Sequence[float]) -> float:
