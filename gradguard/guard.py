@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
 from gradguard import masks as mk
-from gradguard.calibration import bound
-from gradguard.calibration.probe import PROBE_FRACTIONS, PROBE_MARGIN_DB, gradient_probe
+from gradguard.calibration import bound, exact
+from gradguard.calibration.probe import PROBE_FRACTIONS, PROBE_MARGIN_DB, above_prior_db, gradient_probe
 from gradguard.config import GuardConfig, derive_seed
 from gradguard.errors import ConfigError, GradGuardError, GradGuardWarning, UnsupportedModelError, last_layer
 from gradguard.per_sample import HybridDP, epsilon, new_accountant, validate_per_sample
@@ -874,22 +874,50 @@ class GradGuard:
             draws.append(self._noise_like(image[None], generator))
         return mk.normalize(torch.cat(draws), "rms")
 
-    def _probe(self, shared: torch.Tensor, images: torch.Tensor, labels: torch.Tensor | None, call: _Call,
+    def _probe(self, shared: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, call: _Call,
                prior: torch.Tensor) -> float:
         """The honest server's attack on the gradient of ``shared`` (the batch as trained on) at the
         global weights, scored against the clean ``images``: the worst sample's dB above the prior."""
         model = self._global_model().train()
-        forward = _Logits(model, call, None, self._logits)
         try:
-            if labels is None:
-                with torch.no_grad():
-                    labels = forward(images).argmax(dim=1)
-            leak = gradient_probe(model, forward, images.detach(), labels.to(images.device), prior,
+            leak = gradient_probe(model, _Logits(model, call, None, self._logits), images.detach(), labels, prior,
                                   steps=self.config.calibration.probe_steps, shared=shared.detach(),
                                   seed=derive_seed(self.seed, "probe", self.round))
         finally:
             model.eval()
         return float(leak.max())
+
+    def _exposed(self, images: torch.Tensor, labels: torch.Tensor, call: _Call, prior: torch.Tensor) -> float:
+        """What the clean gradient of the batch at the global weights hands over exactly: the worst
+        sample's dB above the prior of the inputs read from the rows of every biased Linear layer
+        that takes the flattened image (-inf when there is none)."""
+        model = self._global_model().train()
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None
+                  and m.in_features == images[0].numel() and m.weight.requires_grad and m.bias.requires_grad}
+        if not layers:
+            return -math.inf
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        try:
+            with torch.enable_grad():
+                loss = nn.functional.cross_entropy(_Logits(model, call, None, self._logits)(images.detach()), labels)
+                params = [p for m in layers.values() for p in (m.weight, m.bias)]
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
+            model.eval()
+        worst = -math.inf
+        for i, layer in enumerate(layers.values()):
+            weight_grad, bias_grad = grads[2 * i], grads[2 * i + 1]
+            if weight_grad is None or bias_grad is None:
+                continue
+            order = layer.bias.detach().argsort(descending=True)  # an imprint's thresholds, increasing
+            rows = exact.linear_row_inputs(weight_grad[order], bias_grad[order])
+            if len(rows):
+                found = above_prior_db(rows.to(images.dtype).view(-1, *images.shape[1:]), images, prior)
+                worst = max(worst, float(found.max()))
+        return worst
 
     def _honest_fraction(self, x: torch.Tensor, labels: torch.Tensor | None, call: _Call, prior: torch.Tensor,
                          sigma: torch.Tensor, noise: torch.Tensor) -> tuple[float, float]:
@@ -897,10 +925,18 @@ class GradGuard:
         margin meets the target, and the probe's estimate there (dB, margin included; inf at 1).
 
         The bound assumes the server recovers the noised inputs exactly, which an honest server
-        inverting a gradient of several images does not: far less noise may leave its attack at the prior.
+        inverting a gradient of several images does not: far less noise may leave its attack at the
+        prior. A model with a layer that does recover them (an imprint) gets the bound's noise.
         """
         target = self.config.calibration.leakage_target_db
         assert target is not None
+        if labels is None:
+            with torch.no_grad():
+                labels = _Logits(self._global_model(), call, None, self._logits)(x).argmax(dim=1)
+        labels = labels.to(x.device)
+        # A layer that hands over its input hands over the noised input too: only the bound then holds.
+        if self._exposed(x, labels, call, prior) > target:
+            return 1.0, math.inf
         for fraction in PROBE_FRACTIONS:
             shared = x + fraction * mk.per_sample(sigma, x) * noise
             estimate = self._probe(shared, x, labels, call, prior) + PROBE_MARGIN_DB
@@ -971,7 +1007,8 @@ class GradGuard:
         psnr = [p.psnr_db for p in plans]
         ssim = [p.ssim_db for p in plans if not math.isnan(p.ssim_db)] or [math.nan]
         amplitude = [p.amplitude for p in plans]
-        estimators = ("noised_input_bound",) + (("gradient_probe",) if cal.threat == "honest_server" else ())
+        estimators = ("noised_input_bound",) + (("exact_recovery_check", "gradient_probe")
+                                                if cal.threat == "honest_server" else ())
         return LeakageEstimate(
             threat=cal.threat, estimators=estimators, target_db=cal.leakage_target_db,
             psnr_above_prior_max=max(psnr), psnr_above_prior_mean=sum(psnr) / len(psnr),

@@ -9,6 +9,7 @@ from skimage.metrics import structural_similarity
 
 from gradguard import GradGuard, GuardConfig
 from gradguard.calibration import bound
+from gradguard.calibration.probe import above_prior_db, gradient_probe
 from gradguard.errors import ConfigError, GradGuardError, GradGuardWarning
 from gradguard.eval.models import ConvNet, SmallCNN
 from gradguard.masks import low_pass_noise
@@ -89,7 +90,7 @@ def test_an_update_that_does_not_leak_gets_no_noise_and_trains_as_without_the_gu
     guard = GradGuard(GuardConfig(leakage_target_db=20.0, probe_steps=20, seed=0))
     update = fedsgd(guard, model, images, labels)
     assert update.leakage.noised_samples == 0 and update.leakage.amplitude_max == 0.0 and update.leakage.met
-    assert update.leakage.estimators == ("noised_input_bound", "gradient_probe")
+    assert update.leakage.estimators == ("noised_input_bound", "exact_recovery_check", "gradient_probe")
     optimizer = torch.optim.SGD(clean.parameters(), lr=0.01)
     before = copy.deepcopy(clean.state_dict())
     optimizer.zero_grad()
@@ -181,3 +182,18 @@ def test_the_prior_and_the_probe_survive_a_state_round_trip_and_a_new_guard(ches
     taker = GradGuard(GuardConfig(probe_steps=5, seed=0))
     taker.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01))  # takes over the guard on the model
     assert taker._probed == guard._probed and taker._prior_ids == guard._prior_ids
+
+
+def test_the_probe_scores_nothing_before_its_attack_moves(chest_batch):
+    """Zero attack steps on a batch of 4 with leave-one-out priors: the probe's guess holds nothing
+    of the batch, so it is no better than the prior (it scored +4 dB when it started from the
+    priors, each of which holds the batch's other images)."""
+    images, labels = chest_batch[0][:4].double(), chest_batch[1][:4]
+    prior = (images.sum(dim=0, keepdim=True) - images) / 3
+    torch.manual_seed(0)
+    model = ConvNet(1, 2, width=8, image_size=32).double()
+    leak = gradient_probe(model, model, images, labels, prior, steps=0, seed=0)
+    assert float(leak.max()) <= 0.1, leak.tolist()
+    # A flat image at each image's own brightness is what the scoring grants any estimate: never above the prior.
+    flat = images.mean(dim=(1, 2, 3), keepdim=True).expand_as(images)
+    assert float(above_prior_db(flat, images, prior).max()) <= 1e-9

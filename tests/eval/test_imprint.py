@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from gradguard.calibration.exact import linear_row_inputs
+from gradguard.calibration.probe import above_prior_db
 from gradguard.eval.attacks import build_attack
 from gradguard.eval.attacks.imprint import (ImprintConfig, ImprintedModel, brightness, brightness_thresholds,
                                             imprint_model, invert_imprint)
@@ -82,6 +84,32 @@ def test_against_input_noise_the_imprint_recovers_the_noised_input() -> None:
     clean_psnr = _per_image_psnr(noised, images)
     assert clean_psnr.max() < 35.0, "the defense added no noise to speak of"
     assert _per_image_psnr(recovered, images).max() <= clean_psnr.max() + 0.1
+
+
+def test_the_honest_server_default_sees_an_imprint_and_noises_against_it() -> None:
+    """The one-step FedAvg update of 8 images: the gradient-inversion probe finds nothing at this
+    batch size, but the imprint reads every image; the guard's analytic check makes the round take
+    the bound's noise, and what the imprint recovers stays within the report's estimate + 1 dB."""
+    train = _pneumonia("train")
+    images, labels = train.images[:8], train.labels[:8]
+    model = _malicious()
+    update = _update(model, images, labels, defense="gradguard", share="delta")
+    report = update.leakage
+    assert report is not None and "exact_recovery_check" in report.estimators
+    assert report.noised_samples == 8 and report.met
+    recovered = _recover(model, update)
+    prior = (images.sum(dim=0, keepdim=True) - images) / (len(images) - 1)  # the guard's leave-one-out prior
+    measured = float(above_prior_db(recovered.clamp(0, 1), images, prior).max())
+    assert measured <= report.psnr_above_prior_max + 1.0, (measured, report.psnr_above_prior_max)
+
+
+def test_linear_row_inputs_read_a_lone_sample_exactly() -> None:
+    """A plain Linear layer at batch 1: every row with a gradient is the input itself."""
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(6, 3), torch.rand(1, 6)
+    layer(x).square().sum().backward()
+    rows = linear_row_inputs(layer.weight.grad, layer.bias.grad)
+    torch.testing.assert_close(rows.float(), x.expand(len(rows), 6))
 
 
 def test_imprint_separates_the_public_brightness_into_equal_bins() -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gradguard.calibration.exact import neighbour_differences
 from gradguard.eval.attacks.base import Attack, AttackConfig, Run, register_attack
 from gradguard.eval.attacks.observation import Observation
 
@@ -144,14 +145,9 @@ def invert_imprint(weight_grad: Tensor, bias_grad: Tensor, *, count: int, min_hi
     counts as hit when its |db difference| exceeds ``min_hit`` times the largest one; of those
     the ``count`` largest are kept (n <= count), in order of brightness.
     """
-    if weight_grad.ndim != 2 or bias_grad.shape != weight_grad.shape[:1]:
-        raise ValueError(f"weight_grad [k, D] and bias_grad [k] expected, got {tuple(weight_grad.shape)} "
-                         f"and {tuple(bias_grad.shape)}")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    w, b = weight_grad.double(), bias_grad.double()
-    dw = w - torch.cat([w[1:], torch.zeros_like(w[:1])])
-    db = b - torch.cat([b[1:], torch.zeros_like(b[:1])])
+    dw, db = neighbour_differences(weight_grad, bias_grad)
     strength = db.abs()
     hits = torch.nonzero(strength > min_hit * strength.max()).flatten()
     kept = hits[strength[hits].argsort(descending=True)[:count]].sort().values
