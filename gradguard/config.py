@@ -248,7 +248,8 @@ class CalibrationConfig:
     kind and smoothness still shape the noise.
 
     threat: who attacks the update. "honest_server" inverts what it receives: a round whose clean
-        gradient a short attack (the client's own probe) does not invert gets no noise.
+        gradient a short attack (the client's own probe) does not invert, and in which no Linear
+        layer on the flattened image hands over its input exactly, gets no noise.
         "malicious_server" can plant a module that reveals the noised inputs exactly, so every
         sample gets the noise that bounds any estimate from its noised copy.
     leakage_target_db: the bound's allowed leakage above the prior, in dB; None turns calibration
