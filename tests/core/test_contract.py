@@ -115,7 +115,7 @@ def test_noised_input_by_name_extra_arguments_and_tuple_outputs():
     model = WithMeta().train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     meta, images, labels = torch.rand(4, 3), torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
-    guard = GradGuard(GuardConfig(noise_kind="gaussian", seed=0))
+    guard = GradGuard(GuardConfig(noise_kind="gaussian", threat="malicious_server", seed=0))
     guard.wrap(model, optimizer, noised_input="img", example_batch=(meta, images))
     seen = []
     model.conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
