@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import json
 import math
 import secrets
@@ -527,8 +528,10 @@ class GradGuard:
             out["accountant.history"] = torch.tensor(self._accountant.history, dtype=torch.float64)
         if self._prior_sum is not None:
             out["prior.sum"] = self._prior_sum.detach().cpu().contiguous()
-            out["prior.ids"] = torch.tensor([list(sid.encode("ascii")) for sid in sorted(self._prior_ids)],
-                                            dtype=torch.uint8)
+            # Ids of any length and alphabet: their UTF-8 bytes end to end, and each one's length.
+            encoded = [sid.encode("utf-8") for sid in sorted(self._prior_ids)]
+            out["prior.ids"] = torch.tensor(list(b"".join(encoded)), dtype=torch.uint8)
+            out["prior.id_lengths"] = torch.tensor([len(e) for e in encoded], dtype=torch.int64)
         if self._probed is not None:
             out["probe"] = torch.tensor(self._probed, dtype=torch.float64)
         return out
@@ -536,7 +539,7 @@ class GradGuard:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` saved, or a part of it (e.g. only the ``shadow.`` entries, to
         start from a pre-trained shadow). The shadow is rebuilt at its next use, on the model's device."""
-        scalars = ("round", "total_steps", "accountant.history", "prior.sum", "prior.ids", "probe")
+        scalars = ("round", "total_steps", "accountant.history", "prior.sum", "prior.ids", "prior.id_lengths", "probe")
         prefixes = ("masks.", "refreshed_at.", "shadow.")
         unknown = sorted(k for k in state if k not in scalars and not k.startswith(prefixes))
         if unknown:
@@ -557,9 +560,14 @@ class GradGuard:
             self.masks = mk.MaskStore(masks, {sid: int(state.get(f"refreshed_at.{sid}", 0)) for sid in masks})
         if shadow:
             self.shadow, self._shadow_state = None, shadow
-        if "prior.sum" in state and "prior.ids" in state:
+        if "prior.sum" in state and "prior.ids" in state and "prior.id_lengths" in state:
+            data, lengths = bytes(state["prior.ids"].tolist()), state["prior.id_lengths"].tolist()
+            if sum(lengths) != len(data) or min(lengths, default=0) < 0:
+                raise GradGuardError("not a GradGuard state: prior.id_lengths does not add up to prior.ids; "
+                                     "fix: pass guard.state_dict()")
+            ends = list(itertools.accumulate(lengths))
             self._prior_sum = state["prior.sum"].double()
-            self._prior_ids = {bytes(row.tolist()).decode("ascii") for row in state["prior.ids"]}
+            self._prior_ids = {data[end - n:end].decode("utf-8") for end, n in zip(ends, lengths)}
         if "probe" in state:
             r, batch, fraction, estimate = state["probe"].tolist()
             self._probed = (int(r), int(batch), fraction, estimate)

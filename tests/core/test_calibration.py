@@ -197,3 +197,25 @@ def test_the_probe_scores_nothing_before_its_attack_moves(chest_batch):
     # A flat image at each image's own brightness is what the scoring grants any estimate: never above the prior.
     flat = images.mean(dim=(1, 2, 3), keepdim=True).expand_as(images)
     assert float(above_prior_db(flat, images, prior).max()) <= 1e-9
+
+
+def test_sample_ids_of_any_length_and_alphabet_survive_the_state(chest_batch):
+    """Ids "7", "42", "103" and a non-ASCII one: the state saved them as rows of one length and
+    ASCII only, so a Flower node's second round (ids 0..199) failed to save its guard."""
+    from safetensors.torch import load, save
+
+    images, labels = chest_batch[0][:4], chest_batch[1][:4]
+    guard = GradGuard(GuardConfig(probe_steps=5, seed=0))
+    net = SmallCNN(1, 2, width=8)
+    model, optimizer = guard.wrap(net, torch.optim.SGD(net.parameters(), lr=0.01))
+    ids = ["7", "42", "103", "patienté-0009"]
+    guard.set_sample_ids(ids)
+    optimizer.zero_grad()
+    F.cross_entropy(model(images), labels).backward()
+    optimizer.step()
+    fresh = GradGuard(GuardConfig(probe_steps=5, seed=0))
+    fresh.load_state_dict(load(save(guard.state_dict())))
+    assert fresh._prior_ids == set(ids)
+    broken = {**guard.state_dict(), "prior.id_lengths": torch.tensor([1, 2, 3, 99])}
+    with pytest.raises(GradGuardError, match="id_lengths"):
+        GradGuard(GuardConfig(seed=0)).load_state_dict(broken)

@@ -80,13 +80,26 @@ def _flwr_run(superlink: tuple[str, dict[str, str]], out: Path, overrides: str) 
 
 @pytest.mark.slow
 def test_example_trains_above_the_majority_class_with_gradguard_noise(superlink, tmp_path):
-    result = _flwr_run(superlink, tmp_path, "")
+    """The fixed preset: every node's images are noised."""
+    result = _flwr_run(superlink, tmp_path, 'gradguard.preset="chest_xray"')
     assert result["test"][-1]["test-acc"] > MAJORITY + 0.05, result["test"]
     train = [row for row in result["clients"] if row["stage"] == "train"]
     evaluate = [row for row in result["clients"] if row["stage"] == "evaluate"]
     assert len(train) == len(evaluate) == 9  # 3 clients x 3 rounds, each reported on its own
     assert all(row["gradguard-noise-amplitude"] > 0 and row["num-examples"] == 150 for row in train)
     assert all(0 <= row["eval-acc"] <= 1 and row["num-examples"] == 50 for row in evaluate)
+
+
+@pytest.mark.slow
+def test_example_default_sends_a_leakage_report_from_every_node(superlink, tmp_path):
+    """The calibrated default over several rounds: each node's guard (its prior over sample ids
+    "0" to "149") is saved in the node's state between rounds, and every reply reports its leakage."""
+    result = _flwr_run(superlink, tmp_path, "")
+    assert result["test"][-1]["test-acc"] > MAJORITY + 0.05, result["test"]
+    train = [row for row in result["clients"] if row["stage"] == "train"]
+    assert len(train) == 9
+    assert all(row["gradguard-leakage-met"] == 1 and row["gradguard-leakage-target"] == 1.0
+               and row["gradguard-leakage-psnr-max"] <= 1.0 + 1e-6 for row in train)
 
 
 @pytest.mark.slow
