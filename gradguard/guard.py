@@ -40,7 +40,8 @@ from torch.utils.hooks import RemovableHandle
 
 from gradguard import masks as mk
 from gradguard.calibration import bound, exact
-from gradguard.calibration.probe import PROBE_FRACTIONS, PROBE_MARGIN_DB, above_prior_db, gradient_probe
+from gradguard.calibration.probe import (PROBE_FRACTIONS, PROBE_MARGIN_DB, above_prior_db, buffers_kept,
+                                         gradient_probe)
 from gradguard.config import GuardConfig, derive_seed
 from gradguard.errors import ConfigError, GradGuardError, GradGuardWarning, UnsupportedModelError, last_layer
 from gradguard.per_sample import HybridDP, epsilon, new_accountant, validate_per_sample
@@ -904,16 +905,12 @@ class GradGuard:
                   and m.in_features == images[0].numel() and m.weight.requires_grad and m.bias.requires_grad}
         if not layers:
             return -math.inf
-        buffers = {name: b.clone() for name, b in model.named_buffers()}
         try:
-            with torch.enable_grad():
+            with buffers_kept(model), torch.enable_grad():
                 loss = nn.functional.cross_entropy(_Logits(model, call, None, self._logits)(images.detach()), labels)
                 params = [p for m in layers.values() for p in (m.weight, m.bias)]
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
         finally:
-            with torch.no_grad():
-                for name, b in model.named_buffers():
-                    b.copy_(buffers[name])
             model.eval()
         worst = -math.inf
         for i, layer in enumerate(layers.values()):

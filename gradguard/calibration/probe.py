@@ -12,7 +12,8 @@ short attack leaks less than a long one, which the margin (:data:`PROBE_MARGIN_D
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,20 @@ def above_prior_db(estimates: torch.Tensor, images: torch.Tensor, prior: torch.T
     return 10 * torch.log10(prior_error.clamp_min(1e-20) / errors.min(dim=0).values.clamp_min(1e-20))
 
 
+@contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Run forward passes through ``model`` and leave it as it was: its buffers (BatchNorm's running
+    statistics) restored and its gradients cleared."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        model.zero_grad(set_to_none=True)
+
+
 def gradient_probe(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                    labels: torch.Tensor, prior: torch.Tensor, *, steps: int, seed: int,
                    shared: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,34 +96,27 @@ def gradient_probe(model: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
     ``forward`` maps images to logits through ``model``; its parameters' gradients are what the
     attack matches. The model is left as it was (buffers included).
     """
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    try:
-        with torch.enable_grad():
-            inputs = images if shared is None else shared
-            target = [g.detach() for g in _gradient(model, forward, inputs.detach(), labels, create_graph=False)]
-            target_norm = _squared_norm(target).sqrt()
-            generator = torch.Generator(device=images.device).manual_seed(seed)
-            # A flat start: a leave-one-out prior holds the batch's other images, so starting image j
-            # there would hand the attack image i (measured: +4 dB over the prior before one step).
-            start = prior.mean(dim=tuple(i for i in range(prior.ndim) if i != 1), keepdim=True).expand_as(images)
-            guess = (start + 0.01 * torch.randn(images.shape, generator=generator, device=images.device,
-                                                dtype=images.dtype)).requires_grad_(True)
-            optimizer = torch.optim.Adam([guess], lr=0.1)
-            schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[steps // 2, 3 * steps // 4],
-                                                            gamma=0.1)
-            for _ in range(steps):
-                optimizer.zero_grad()
-                grads = _gradient(model, forward, guess, labels, create_graph=True)
-                dot = torch.stack([(g * t).sum() for g, t in zip(grads, target)]).sum()
-                norm = _squared_norm(grads).sqrt().clamp_min(1e-12)
-                loss = 1 - dot / (norm * target_norm.clamp_min(1e-12)) + _TV_WEIGHT * _total_variation(guess)
-                (step,) = torch.autograd.grad(loss, [guess])
-                guess.grad = step.sign()  # signed gradients, as Inverting Gradients uses
-                optimizer.step()
-                schedule.step()
-    finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-        model.zero_grad(set_to_none=True)
+    with buffers_kept(model), torch.enable_grad():
+        inputs = images if shared is None else shared
+        target = [g.detach() for g in _gradient(model, forward, inputs.detach(), labels, create_graph=False)]
+        target_norm = _squared_norm(target).sqrt()
+        generator = torch.Generator(device=images.device).manual_seed(seed)
+        # A flat start: a leave-one-out prior holds the batch's other images, so starting image j
+        # there would hand the attack image i (measured: +4 dB over the prior before one step).
+        start = prior.mean(dim=tuple(i for i in range(prior.ndim) if i != 1), keepdim=True).expand_as(images)
+        guess = (start + 0.01 * torch.randn(images.shape, generator=generator, device=images.device,
+                                            dtype=images.dtype)).requires_grad_(True)
+        optimizer = torch.optim.Adam([guess], lr=0.1)
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[steps // 2, 3 * steps // 4],
+                                                        gamma=0.1)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            grads = _gradient(model, forward, guess, labels, create_graph=True)
+            dot = torch.stack([(g * t).sum() for g, t in zip(grads, target)]).sum()
+            norm = _squared_norm(grads).sqrt().clamp_min(1e-12)
+            loss = 1 - dot / (norm * target_norm.clamp_min(1e-12)) + _TV_WEIGHT * _total_variation(guess)
+            (step,) = torch.autograd.grad(loss, [guess])
+            guess.grad = step.sign()  # signed gradients, as Inverting Gradients uses
+            optimizer.step()
+            schedule.step()
     return above_prior_db(guess.detach(), images, prior)
