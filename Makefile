@@ -7,7 +7,7 @@ EXTRAS ?= dev,eval,flower
 SHARED ?= $(abspath ../shared)
 export GRADGUARD_SHARED ?= $(SHARED)
 
-.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-leakage bench-leakage-full bench-calibrated bench-calibration-cost bench-paper bench-paper-seeds bench-mid-clients proto clean
+.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-leakage bench-leakage-full bench-calibrated bench-bound-tightness bench-calibration-cost bench-paper bench-paper-seeds bench-mid-clients proto clean
 
 venv: $(STAMP)
 
@@ -65,6 +65,9 @@ bench-calibrated: $(STAMP)
 	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/calibrated.toml --no-progress $(BENCH_ARGS) \
 		--datasets retinamnist --out bench-out/calibrated --report-dir benchmarks/results/calibrated/retinamnist & \
 	wait
+
+bench-bound-tightness: $(STAMP)
+	$(PY) benchmarks/bound_tightness.py
 
 bench-calibration-cost: $(STAMP)
 	$(PY) benchmarks/calibration_cost.py

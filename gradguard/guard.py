@@ -884,14 +884,15 @@ class GradGuard:
         return mk.normalize(torch.cat(draws), "rms")
 
     def _probe(self, shared: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, call: _Call,
-               prior: torch.Tensor) -> float:
+               prior: torch.Tensor, *, stop_above: float) -> float:
         """The honest server's attack on the gradient of ``shared`` (the batch as trained on) at the
-        global weights, scored against the clean ``images``: the worst sample's dB above the prior."""
+        global weights, scored against the clean ``images``: the worst sample's dB above the prior
+        (or the first score above ``stop_above`` it reaches)."""
         model = self._global_model().train()
         try:
             leak = gradient_probe(model, _Logits(model, call, None, self._logits), images.detach(), labels, prior,
                                   steps=self.config.calibration.probe_steps, shared=shared.detach(),
-                                  seed=derive_seed(self.seed, "probe", self.round))
+                                  seed=derive_seed(self.seed, "probe", self.round), stop_above=stop_above)
         finally:
             model.eval()
         return float(leak.max())
@@ -944,7 +945,8 @@ class GradGuard:
             return 1.0, math.inf
         for fraction in PROBE_FRACTIONS:
             shared = x + fraction * mk.per_sample(sigma, x) * noise
-            estimate = self._probe(shared, x, labels, call, prior) + PROBE_MARGIN_DB
+            estimate = self._probe(shared, x, labels, call, prior, stop_above=target - PROBE_MARGIN_DB) \
+                + PROBE_MARGIN_DB
             if estimate <= target:
                 return fraction, estimate
         return 1.0, math.inf
