@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from queue import Full, Queue
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -35,14 +34,13 @@ from gradguard.transport.errors import OPEN_ROUND_KEY, TransportError
 from gradguard.transport.rounds import OnePerClient, RoundManager, RoundStatus
 from gradguard.transport.store import StateStore
 from gradguard.transport.validation import check_sha256
-from gradguard.transport.wire import MAX_MESSAGE_BYTES, data_view
+from gradguard.transport.wire import MAX_MESSAGE_BYTES, data_view, read_ahead
 
 if TYPE_CHECKING:  # the server itself never imports torch
     import torch
 
 log = logging.getLogger(__name__)
 _Response = TypeVar("_Response")
-_Message = TypeVar("_Message")
 _MAX_METADATA_BYTES = 8 << 10  # a call's gRPC metadata: ids, token, gRPC's own entries
 SubmitRequest = pb.SubmitUpdateRequest | memoryview  # a data chunk arrives as a view: see _submit_request
 
@@ -136,56 +134,14 @@ class _Watchdog:
                 call.context.cancel()
 
 
-_END = object()  # what the read-ahead thread queues after the last message
-
-
-def _read_ahead(messages: Iterator[_Message], depth: int, on_message: Callable[[], None]) -> Iterator[_Message]:
-    """``messages``, pulled by a helper thread up to ``depth`` ahead of the consumer.
+class _UpdateStream:
+    """The data of a SubmitUpdate stream after its header, read ahead; once the data is read,
+    ``trailer_sha256`` holds the digest its trailer gave (None without a trailer).
 
     gRPC lets a client send little beyond the message the server has asked for (the stream
     window stays at 64 KiB so that queued streams hold little memory), so asking for the next
     chunk while the consumer writes, hashes and checks the last one overlaps the receiving with
-    that work. ``on_message`` is called as each message arrives.
-    """
-    queue: Queue[tuple[Any, BaseException | None]] = Queue(depth)
-    done = threading.Event()
-
-    def put(item: tuple[Any, BaseException | None]) -> bool:
-        while not done.is_set():  # the consumer may stop early (a refused update)
-            try:
-                queue.put(item, timeout=0.5)
-                return True
-            except Full:
-                continue
-        return False
-
-    def pull() -> None:
-        try:
-            for message in messages:
-                on_message()
-                if not put((message, None)):
-                    return
-        except BaseException as err:  # a cancelled call: raised in the consumer
-            put((_END, err))
-            return
-        put((_END, None))
-
-    threading.Thread(target=pull, name="gradguard-read-ahead", daemon=True).start()
-    try:
-        while True:
-            message, err = queue.get()
-            if message is _END:
-                if err is not None:
-                    raise err
-                return
-            yield message
-    finally:
-        done.set()
-
-
-class _UpdateStream:
-    """The data of a SubmitUpdate stream after its header, read ahead; once the data is read,
-    ``trailer_sha256`` holds the digest its trailer gave (None without a trailer)."""
+    that work."""
 
     _READ_AHEAD = 2  # chunks queued per upload: memory grows with the uploads in flight, not the clients
 
@@ -196,7 +152,7 @@ class _UpdateStream:
         self.trailer_sha256: str | None = None
 
     def __iter__(self) -> Iterator[bytes | memoryview]:
-        for message in _read_ahead(self._requests, self._READ_AHEAD, self._watch.touch):
+        for message in read_ahead(self._requests, self._READ_AHEAD, self._watch.touch):
             if self.trailer_sha256 is not None:
                 raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
                                      "a SubmitUpdate message came after the UpdateTrailer; the trailer is the last")

@@ -16,10 +16,12 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Full, Queue
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -47,6 +49,7 @@ FLOAT_MAX: dict[str, float] = {"F64": float(np.finfo(np.float64).max), "F32": fl
                                "F16": float(np.finfo(np.float16).max), "BF16": 3.3895313892515355e38}
 
 Layout = dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype code, shape)
+_Item = TypeVar("_Item")
 
 
 class MalformedSafetensors(ValueError):
@@ -271,6 +274,49 @@ class _Flusher:
             except OSError as err:
                 self.error = err
                 return
+
+
+_END = object()  # what the read-ahead thread queues after the last item
+
+
+def read_ahead(items: Iterable[_Item], depth: int, on_item: Callable[[], None] = lambda: None) -> Iterator[_Item]:
+    """``items``, pulled by a helper thread up to ``depth`` ahead of the consumer, so that
+    producing the next item overlaps consuming the last. ``on_item`` is called in the helper as
+    each item comes; an exception the helper meets is raised in the consumer."""
+    queue: Queue[tuple[Any, BaseException | None]] = Queue(depth)
+    done = threading.Event()
+
+    def put(item: tuple[Any, BaseException | None]) -> bool:
+        while not done.is_set():  # the consumer may stop early (a refused update, a failed call)
+            try:
+                queue.put(item, timeout=0.5)
+                return True
+            except Full:
+                continue
+        return False
+
+    def pull() -> None:
+        try:
+            for item in items:
+                on_item()
+                if not put((item, None)):
+                    return
+        except BaseException as err:  # a cancelled call: raised in the consumer
+            put((_END, err))
+            return
+        put((_END, None))
+
+    threading.Thread(target=pull, name="gradguard-read-ahead", daemon=True).start()
+    try:
+        while True:
+            item, err = queue.get()
+            if item is _END:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        done.set()
 
 
 class BackgroundDigest:

@@ -13,12 +13,13 @@ import torch
 
 import gradguard.transport._generated.v1 as generated
 from gradguard.transport.codec import (TensorPayload, decode_tensors, encode_tensors, iter_tensors, load_update,
-                                       save_update, write_tensors)
+                                       save_update, submit_messages, write_tensors)
 from gradguard.transport import wire
 from gradguard.transport._generated.v1 import aggregator_pb2 as pb
 from gradguard.transport.server import _submit_request
 from gradguard.transport.wire import (FLUSH_BEHIND_BYTES, BackgroundDigest, HashingWriter, MalformedSafetensors,
-                                      data_message, data_view, file_sha256, from_float64, read_header, to_float64)
+                                      data_message, data_view, file_sha256, from_float64, read_ahead, read_header,
+                                      to_float64)
 from gradguard.update import ProtectedUpdate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,3 +178,35 @@ def test_a_digest_computed_behind_its_caller_is_the_digest_of_everything_in_orde
             writer.write(block)
         assert writer.hexdigest() == file_sha256(tmp_path / "u.part") == digest.hexdigest()
     assert not [t for t in threading.enumerate() if t.name.startswith("gradguard-hash")]
+
+
+def test_the_submitted_messages_carry_the_payload_and_its_digest():
+    payload = TensorPayload(TENSORS)
+    messages = [pb.SubmitUpdateRequest.FromString(m) for m in submit_messages(pb.UpdateHeader(round=2), payload,
+                                                                             chunk_bytes=7)]
+    assert messages[0].header.round == 2
+    assert b"".join(m.data for m in messages[1:-1]) == payload.to_bytes()
+    assert messages[-1].trailer.sha256 == payload.sha256()
+
+
+def test_items_read_ahead_come_in_order_and_a_failure_reaches_the_consumer():
+    assert list(read_ahead(iter(range(100)), 2)) == list(range(100))
+
+    def failing():
+        yield 1
+        raise OSError("the source failed")
+
+    items = read_ahead(failing(), 1)
+    assert next(items) == 1
+    with pytest.raises(OSError, match="the source failed"):
+        next(items)
+
+
+def test_a_consumer_that_stops_early_ends_the_read_ahead_thread():
+    before = set(threading.enumerate())
+    items = read_ahead(iter(range(10**6)), 1)
+    assert next(items) == 0
+    (helper,) = [t for t in set(threading.enumerate()) - before if t.name == "gradguard-read-ahead"]
+    items.close()
+    helper.join(timeout=5)
+    assert not helper.is_alive()
