@@ -48,6 +48,12 @@ def rule_sigma(rule: str, x: torch.Tensor, *, prior: torch.Tensor, spectrum: tor
     return amplitude * int(rule.split("=")[1]) ** -0.5 * scale
 
 
+def rule_noise(x: torch.Tensor, generator: torch.Generator, *, rule: str,
+               sigma_of: Callable[[str, torch.Tensor], torch.Tensor], smoothness: float) -> torch.Tensor:
+    """``x`` noised under ``rule``: the noise function the known-noise denoiser trains on."""
+    return x + mk.per_sample(sigma_of(rule, x), x) * unit_noise(x, generator, smoothness)
+
+
 def above_prior(estimate: torch.Tensor, images: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     error = (estimate - images).flatten(1).pow(2).mean(dim=1)
     return 10 * torch.log10((prior - images).flatten(1).pow(2).mean(dim=1) / error)
@@ -87,22 +93,16 @@ def main() -> None:
             gain = mean_power / (mean_power + noise_power)
             wiener = prior + torch.fft.ifftn(gain * torch.fft.fftn((noised - prior).double(), dim=(2, 3),
                                                                    norm="ortho"), dim=(2, 3), norm="ortho").real
+            bound_db = bound.wiener_leakage_db(images, prior.expand_as(images), sigma, spectrum=spectrum)
             row = {"noise_energy": round(float((sigma ** 2 / images.flatten(1).pow(2).mean(1)).mean()), 3),
-                   "bound": summary(bound.wiener_leakage_db(images, prior.expand_as(images), sigma,
-                                                            spectrum=spectrum)),
+                   "bound": summary(bound_db),
                    "mean_spectrum_wiener": summary(above_prior(wiener.float().clamp(0, 1), images, prior))}
-
-            def noise_fn(x: torch.Tensor, g: torch.Generator, sigma_of: Callable[..., torch.Tensor] = sigma_of,
-                         rule: str = rule) -> torch.Tensor:
-                return x + mk.per_sample(sigma_of(rule, x), x) * unit_noise(x, g, smoothness)
-
+            noise_fn = functools.partial(rule_noise, rule=rule, sigma_of=sigma_of, smoothness=smoothness)
             for n in steps:
                 denoiser = KnownNoiseDenoiser(DenoiserConfig(steps=n, seed=args.seed)).fit(public, noise_fn)
                 found = above_prior(denoiser.apply(noised.clamp(0, 1)), images, prior)
                 row[f"known_noise_{n}"] = summary(found)
-                row[f"known_noise_{n}_over_bound_plus_1db"] = round(float(
-                    (found > bound.wiener_leakage_db(images, prior.expand_as(images), sigma,
-                                                     spectrum=spectrum) + 1).float().mean()), 3)
+                row[f"known_noise_{n}_over_bound_plus_1db"] = round(float((found > bound_db + 1).float().mean()), 3)
             rows[rule] = row
             print(dataset, rule, row, flush=True)
         figures[dataset] = rows

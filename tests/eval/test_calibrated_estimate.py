@@ -15,11 +15,16 @@ from gradguard.eval.models import ConvNet, SmallCNN
 # case (Inverting Gradients recovers it far above the prior undefended).
 
 
-def shared_gradient(config, image, label):
-    torch.manual_seed(0)
-    model = ConvNet(1, 2, width=8, image_size=32)
+def shared_gradient(config, image, label, *, model=None, prior=None):
+    """The guard's one-step update of ``image`` on ``model`` (default an untrained ConvNet) and the
+    model it started from; ``prior``: the guard's ``set_prior``."""
+    if model is None:
+        torch.manual_seed(0)
+        model = ConvNet(1, 2, width=8, image_size=32)
     start = copy.deepcopy(model)
     guard = GradGuard(config)
+    if prior is not None:
+        guard.set_prior(prior)
     model, optimizer = guard.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01))
     optimizer.zero_grad()
     F.cross_entropy(model(image), label).backward()
@@ -59,14 +64,8 @@ def test_the_estimate_bounds_inverting_gradients_on_a_trained_model(chest_images
         optimizer.step()
     prior = images.mean(dim=0)  # the public mean image, as the benchmark's attacker holds it
     image, label = images[3:4], labels[3:4]
-    start, shared = copy.deepcopy(model), copy.deepcopy(model)
-    guard = GradGuard(GuardConfig(update_kind="gradient", seed=0))
-    guard.set_prior(prior)
-    shared, step = guard.wrap(shared, torch.optim.SGD(shared.parameters(), lr=0.01))
-    step.zero_grad()
-    F.cross_entropy(shared(image), label).backward()
-    step.step()
-    update = guard.protected_update()
+    start, update = shared_gradient(GuardConfig(update_kind="gradient", seed=0), image, label, model=model,
+                                    prior=prior)
     attack = build_attack("inverting_gradients", iterations=500, restarts=1, seed=0, progress=False)
     recon = attack.reconstruct(model=start, update=update, image_shape=(1, 32, 32), num_classes=2).images
     measured = max(float(above_prior_db(variant, image, prior.expand_as(image)))
