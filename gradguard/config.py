@@ -249,7 +249,9 @@ class CalibrationConfig:
 
     threat: who attacks the update. "honest_server" inverts what it receives: a round whose clean
         gradient a short attack (the client's own probe) does not invert, and in which no Linear
-        layer on the flattened image hands over its input exactly, gets no noise.
+        layer on the flattened image hands over its input exactly, gets no noise. A delta's probe
+        mixes the images of earlier rounds into the first batch's gradient (up to 16, at most
+        ``wrap(dataset_size=...)``), as the delta mixes every image of the round.
         "malicious_server" can plant a module that reveals the noised inputs exactly, so every
         sample gets the noise that bounds any estimate from its noised copy.
     leakage_target_db: the bound's allowed leakage above the prior, in dB; None turns calibration
@@ -269,7 +271,8 @@ class CalibrationConfig:
         short of a 1000-step attack on a trained SmallCNN's one-image updates; a probe that finds the
         update leaking stops there, so only a round that leaks nothing pays the whole budget.
     probe_every: the probe runs in the first round and then every n-th round (and when the first
-        batch's size changes); the rounds between reuse its result, as the model changes slowly.
+        batch's size or the images it mixes change); the rounds between reuse its result, as the
+        model changes slowly.
     """
 
     threat: Threat = "honest_server"

@@ -40,8 +40,8 @@ from torch.utils.hooks import RemovableHandle
 
 from gradguard import masks as mk
 from gradguard.calibration import bound, exact
-from gradguard.calibration.probe import (PROBE_FRACTIONS, PROBE_MARGIN_DB, above_prior_db, buffers_kept,
-                                         gradient_probe)
+from gradguard.calibration.probe import (PROBE_FRACTIONS, PROBE_MARGIN_DB, PROBE_MIX_IMAGES, above_prior_db,
+                                         buffers_kept, gradient_probe)
 from gradguard.config import GuardConfig, derive_seed
 from gradguard.errors import ConfigError, GradGuardError, GradGuardWarning, UnsupportedModelError, last_layer
 from gradguard.per_sample import HybridDP, epsilon, new_accountant, validate_per_sample
@@ -90,6 +90,7 @@ class _RoundState:
     gradient: dict[str, torch.Tensor] | None = None  # update_kind="gradient": the first step's
     plans: dict[str, _SamplePlan] = field(default_factory=dict)  # calibrated noise, per sample id
     probe: tuple[float, float] | None = None  # honest server: the round's fraction of the bound's noise, its estimate
+    mixed: int = 0  # the images the probe took the round's update to mix
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,21 @@ def _checked_device(device: str | torch.device | None) -> torch.device | None:
     return checked
 
 
+def _encoded_ids(prefix: str, ids: list[str]) -> dict[str, torch.Tensor]:
+    """Ids of any length and alphabet as tensors: their UTF-8 bytes end to end, and each one's length."""
+    encoded = [sid.encode("utf-8") for sid in ids]
+    return {f"{prefix}.ids": torch.tensor(list(b"".join(encoded)), dtype=torch.uint8),
+            f"{prefix}.id_lengths": torch.tensor([len(e) for e in encoded], dtype=torch.int64)}
+
+
+def _decoded_ids(state: Mapping[str, torch.Tensor], prefix: str) -> list[str]:
+    data, lengths = bytes(state[f"{prefix}.ids"].tolist()), state[f"{prefix}.id_lengths"].tolist()
+    if sum(lengths) != len(data) or min(lengths, default=0) < 0:
+        raise GradGuardError(f"not a GradGuard state: {prefix}.id_lengths does not add up to {prefix}.ids; "
+                             "fix: pass guard.state_dict()")
+    return [data[end - n:end].decode("utf-8") for end, n in zip(itertools.accumulate(lengths), lengths)]
+
+
 class GradGuard:
     """Sample-specific input noise for a wrapped model; see the module docstring."""
 
@@ -294,8 +310,11 @@ class GradGuard:
         self._prior: torch.Tensor | None = None  # set_prior's image
         self._prior_sum: torch.Tensor | None = None  # the sum and ids of every distinct image seen
         self._prior_ids: set[str] = set()
-        # (round, batch size, fraction, estimate) of the last probe
-        self._probed: tuple[int, int, float, float] | None = None
+        # (round, batch size, images mixed, fraction, estimate) of the last probe
+        self._probed: tuple[int, int, int, float, float] | None = None
+        # Clean images of earlier rounds and their classes (-1: unknown), which the probe mixes into a
+        # delta's gradient (up to PROBE_MIX_IMAGES); they never leave the client.
+        self._kept: dict[str, tuple[torch.Tensor, int]] = {}
 
     # ------------------------------------------------------------------ checks
     def validate(self, model: Any, optimizer: Any, example_batch: Any = None, *, data_loader: Any = None,
@@ -441,6 +460,7 @@ class GradGuard:
                 self._shadow_state, self._shadow_dims = previous._shadow_state, previous._shadow_dims
                 self._prior_sum, self._prior_ids, self._probed = previous._prior_sum, previous._prior_ids, \
                     previous._probed
+                self._kept = previous._kept
                 self._accountant = previous._accountant
         if dataset_size is None and data_loader is not None:
             dataset_size = len(data_loader.dataset)  # type: ignore[arg-type]
@@ -515,7 +535,8 @@ class GradGuard:
         """The guard's state as named CPU tensors, integers as int64 scalars (safetensors can save it;
         no pickle): the per-sample masks and their refresh steps, the shadow, the round, the step
         count, hybrid DP's accountant history, and calibration's prior (the sum and ids of the images
-        seen) and last probe. The noise seed is not part of it."""
+        seen), last probe and the few clean images its probe mixes into a delta's gradient: keep it
+        on the client. The noise seed is not part of it."""
         out = {"round": torch.tensor(self.round), "total_steps": torch.tensor(self.total_steps)}
         for sid, mask in self.masks.masks.items():
             out[f"masks.{sid}"] = mask.detach().cpu().contiguous()
@@ -529,10 +550,11 @@ class GradGuard:
             out["accountant.history"] = torch.tensor(self._accountant.history, dtype=torch.float64)
         if self._prior_sum is not None:
             out["prior.sum"] = self._prior_sum.detach().cpu().contiguous()
-            # Ids of any length and alphabet: their UTF-8 bytes end to end, and each one's length.
-            encoded = [sid.encode("utf-8") for sid in sorted(self._prior_ids)]
-            out["prior.ids"] = torch.tensor(list(b"".join(encoded)), dtype=torch.uint8)
-            out["prior.id_lengths"] = torch.tensor([len(e) for e in encoded], dtype=torch.int64)
+            out.update(_encoded_ids("prior", sorted(self._prior_ids)))
+        if self._kept:
+            out["kept.images"] = torch.stack([image for image, _ in self._kept.values()]).detach().cpu().contiguous()
+            out["kept.labels"] = torch.tensor([label for _, label in self._kept.values()], dtype=torch.int64)
+            out.update(_encoded_ids("kept", list(self._kept)))
         if self._probed is not None:
             out["probe"] = torch.tensor(self._probed, dtype=torch.float64)
         return out
@@ -540,7 +562,8 @@ class GradGuard:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` saved, or a part of it (e.g. only the ``shadow.`` entries, to
         start from a pre-trained shadow). The shadow is rebuilt at its next use, on the model's device."""
-        scalars = ("round", "total_steps", "accountant.history", "prior.sum", "prior.ids", "prior.id_lengths", "probe")
+        scalars = ("round", "total_steps", "accountant.history", "prior.sum", "prior.ids", "prior.id_lengths", "probe",
+                   "kept.images", "kept.labels", "kept.ids", "kept.id_lengths")
         prefixes = ("masks.", "refreshed_at.", "shadow.")
         unknown = sorted(k for k in state if k not in scalars and not k.startswith(prefixes))
         if unknown:
@@ -562,16 +585,22 @@ class GradGuard:
         if shadow:
             self.shadow, self._shadow_state = None, shadow
         if "prior.sum" in state and "prior.ids" in state and "prior.id_lengths" in state:
-            data, lengths = bytes(state["prior.ids"].tolist()), state["prior.id_lengths"].tolist()
-            if sum(lengths) != len(data) or min(lengths, default=0) < 0:
-                raise GradGuardError("not a GradGuard state: prior.id_lengths does not add up to prior.ids; "
-                                     "fix: pass guard.state_dict()")
-            ends = list(itertools.accumulate(lengths))
+            self._prior_ids = set(_decoded_ids(state, "prior"))
             self._prior_sum = state["prior.sum"].double()
-            self._prior_ids = {data[end - n:end].decode("utf-8") for end, n in zip(ends, lengths)}
+        if "kept.images" in state and "kept.labels" in state and "kept.ids" in state and "kept.id_lengths" in state:
+            kept_ids = _decoded_ids(state, "kept")
+            if not len(kept_ids) == len(state["kept.images"]) == len(state["kept.labels"]):
+                raise GradGuardError("not a GradGuard state: kept.ids, kept.images and kept.labels differ in "
+                                     "length; fix: pass guard.state_dict()")
+            self._kept = {sid: (image, int(label)) for sid, image, label
+                          in zip(kept_ids, state["kept.images"], state["kept.labels"].tolist())}
         if "probe" in state:
-            r, batch, fraction, estimate = state["probe"].tolist()
-            self._probed = (int(r), int(batch), fraction, estimate)
+            values = state["probe"].tolist()
+            if len(values) != 5:
+                raise GradGuardError("not a GradGuard state: probe holds (round, batch size, images mixed, "
+                                     "fraction, estimate); fix: pass guard.state_dict()")
+            r, batch, mixed, fraction, estimate = values
+            self._probed = (int(r), int(batch), int(mixed), fraction, estimate)
         if "accountant.history" in state:
             self._accountant = new_accountant(self.config.dp.accountant)
             self._accountant.history = [(float(s), float(q), int(n))
@@ -604,9 +633,15 @@ class GradGuard:
             problem = (f"{missed} of the round's {leakage.samples} samples would leak up to "
                        f"{leakage.psnr_above_prior_max:.2f} dB above the prior at the most noise allowed "
                        f"(max_amplitude={cfg.calibration.max_amplitude}), over the target of {leakage.target_db} dB")
+            fix = "a larger max_amplitude, a larger leakage_target_db"
+            if len(state.seen) < state.mixed:
+                problem = (f"the probe took this update to mix {state.mixed} images (wrap's dataset_size="
+                           f"{self._dataset_size}), but the round trained on {len(state.seen)}, so its estimate "
+                           "does not hold")
+                fix = "pass wrap(dataset_size=...) the images each round trains on"
             if cfg.calibration.on_target_missed == "raise":
-                raise GradGuardError(f"{problem}, so the update is not returned; fix: a larger max_amplitude, a "
-                                     "larger leakage_target_db, or on_target_missed='flag' to send it flagged")
+                raise GradGuardError(f"{problem}, so the update is not returned; fix: {fix}, or "
+                                     "on_target_missed='flag' to send it flagged")
             warnings.warn(f"{problem}: the update is flagged (update.leakage.met is False)", GradGuardWarning,
                           stacklevel=2)
         tensors = weight_delta(state.global_weights, model) if cfg.update_kind == "delta" else (state.gradient or {})
@@ -840,10 +875,12 @@ class GradGuard:
             raise ConfigError("set_prior(image) takes a finite floating-point image [C, H, W] (or None)")
         self._prior = None if image is None else image.detach()
 
-    def _observe(self, images: torch.Tensor, ids: list[str]) -> None:
+    def _observe(self, images: torch.Tensor, ids: list[str], labels: torch.Tensor | None) -> None:
         fresh = [i for i, sid in enumerate(ids) if sid not in self._prior_ids]
         if not fresh:
             return
+        for i in fresh[:max(0, PROBE_MIX_IMAGES - len(self._kept))]:
+            self._kept[ids[i]] = (images[i].detach().clone(), -1 if labels is None else int(labels[i]))
         total = images[fresh].detach().double().sum(dim=0)
         self._prior_sum = total if self._prior_sum is None else self._prior_sum.to(total.device) + total
         self._prior_ids.update(ids[i] for i in fresh)
@@ -925,21 +962,42 @@ class GradGuard:
                 worst = max(worst, float(found.max()))
         return worst
 
+    def _mix(self, ids: list[str], x: torch.Tensor) -> list[str]:
+        """Ids of the kept images that the probe mixes with the batch ``x`` (named ``ids``): a delta
+        mixes every image of the round, at least ``dataset_size`` of them (checked when the update is
+        made); none for a gradient, or when the round's images are not known."""
+        if self.config.update_kind != "delta" or self._dataset_size is None:
+            return []
+        room = min(PROBE_MIX_IMAGES, self._dataset_size) - len(x)
+        batch = set(ids)
+        return [sid for sid, (image, _) in self._kept.items()
+                if sid not in batch and image.shape == x.shape[1:]][:max(0, room)]
+
     def _honest_fraction(self, x: torch.Tensor, labels: torch.Tensor | None, call: _Call, prior: torch.Tensor,
-                         sigma: torch.Tensor, noise: torch.Tensor) -> tuple[float, float]:
+                         sigma: torch.Tensor, noise: torch.Tensor, others: list[str]) -> tuple[float, float]:
         """The least fraction of the bound's noise (0, 1/8, 1/4, 1/2, else 1) at which the probe plus its
         margin meets the target, and the probe's estimate there (dB, margin included; inf at 1).
 
         The bound assumes the server recovers the noised inputs exactly, which an honest server
         inverting a gradient of several images does not: far less noise may leave its attack at the
-        prior. A model with a layer that does recover them (an imprint) gets the bound's noise.
+        prior. A model with a layer that does recover them (an imprint) gets the bound's noise. The
+        kept images ``others`` join the batch, noised as they would be this round.
         """
         target = self.config.calibration.leakage_target_db
         assert target is not None
-        if labels is None:
-            with torch.no_grad():
-                labels = _Logits(self._global_model(), call, None, self._logits)(x).argmax(dim=1)
-        labels = labels.to(x.device)
+        known = labels
+        if others:
+            extra = torch.stack([self._kept[sid][0] for sid in others]).to(x)
+            extra_prior = self._priors(extra)
+            sigma = torch.cat([sigma, self._calibrated_sigma(extra, extra_prior, self._spectrum(extra))])
+            noise = torch.cat([noise, self._sample_noise(
+                extra, [derive_seed(self.seed, "noise", self.round, sid) for sid in others])])
+            x, prior = torch.cat([x, extra]), torch.cat([prior, extra_prior])
+            kept = torch.tensor([self._kept[sid][1] for sid in others], device=x.device)
+            known = None if labels is None else torch.cat([labels.to(x.device), kept])
+        with torch.no_grad():
+            predicted = _Logits(self._global_model(), call, None, self._logits)(x).argmax(dim=1)
+        labels = predicted if known is None else torch.where(known.to(x.device) >= 0, known.to(x.device), predicted)
         # A layer that hands over its input hands over the noised input too: only the bound then holds.
         if self._exposed(x, labels, call, prior) > target:
             return 1.0, math.inf
@@ -960,7 +1018,7 @@ class GradGuard:
         round gets the least fraction the probe finds enough: none at all when the clean update leaks nothing.
         """
         cal, state = self.config.calibration, self._state
-        self._observe(images, ids)
+        self._observe(images, ids, labels)
         new = [i for i, sid in enumerate(ids) if sid not in state.plans]
         if new:
             x = images[new].detach()
@@ -971,14 +1029,16 @@ class GradGuard:
             fraction, probed = 1.0, math.inf
             if cal.threat == "honest_server":
                 if state.probe is None:
-                    # Leakage changes with the batch size at once, with the model slowly: re-probe on either.
-                    if self._probed is None or self._probed[1] != len(images) \
+                    others = self._mix(ids, x)
+                    # Leakage changes with the batch size and the mix at once, with the model slowly:
+                    # re-probe on any of them.
+                    if self._probed is None or self._probed[1:3] != (len(images), len(x) + len(others)) \
                             or not 0 <= self.round - self._probed[0] < cal.probe_every:
                         full = self._calibrated_sigma(x, prior, spectrum)
                         found = self._honest_fraction(x, None if labels is None else labels[new], call, prior,
-                                                      full, noise)
-                        self._probed = (self.round, len(images), *found)
-                    state.probe = self._probed[2:]
+                                                      full, noise, others)
+                        self._probed = (self.round, len(images), len(x) + len(others), *found)
+                    state.probe, state.mixed = self._probed[3:], self._probed[2]
                 fraction, probed = state.probe
             if fraction == 0:  # the probe found the round harmless: no bound to solve
                 sigma = torch.zeros(len(x), dtype=x.dtype, device=x.device)
@@ -1022,7 +1082,9 @@ class GradGuard:
             ssim_above_prior_max=max(ssim), ssim_above_prior_mean=sum(ssim) / len(ssim),
             amplitude_max=max(amplitude), amplitude_mean=sum(amplitude) / len(amplitude), samples=len(plans),
             noised_samples=sum(a > 0 for a in amplitude),
-            met=max(psnr) <= cal.leakage_target_db + _TARGET_TOLERANCE_DB)
+            # An update that mixes fewer images than its probe assumed is not covered by the estimate.
+            met=max(psnr) <= cal.leakage_target_db + _TARGET_TOLERANCE_DB
+            and len(self._state.seen) >= self._state.mixed)
 
     def _clean_batchnorm_statistics(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Running statistics from the clean batch; the noised forward then leaves them alone.

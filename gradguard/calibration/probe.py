@@ -12,6 +12,11 @@ decay at 3/8, 5/8 and 7/8 of the run): a 100-step version of it fell 4 to 9 dB s
 attack on a trained SmallCNN's one-image updates, far more than a margin covers. A single step's
 gradient leaks more than a delta over several steps, so one batch's gradient is the worst case of
 the round; the rest of what a longer attack finds is the margin's (:data:`PROBE_MARGIN_DB`).
+
+A delta over several batches mixes every image of the round: for small steps it is the gradient of
+all of them at the global weights, which the server inverts as one batch. Once the guard has seen a
+client's images in an earlier round it probes that gradient, of the round's first batch and up to
+:data:`PROBE_MIX_IMAGES` images in all, instead of the first batch's alone.
 """
 from __future__ import annotations
 
@@ -30,6 +35,9 @@ from gradguard.calibration.denoisers import DENOISERS, denoise
 PROBE_MARGIN_DB = 1.0
 # The fractions of the bound's noise the probe tries, least first; the bound's full noise is the fallback.
 PROBE_FRACTIONS = (0.0, 0.125, 0.25, 0.5)
+# The most images the probe mixes into a delta's gradient: more cost probe time and can only lower
+# its estimate, toward the round's true mix (every image it trains on).
+PROBE_MIX_IMAGES = 16
 _TV_WEIGHT = 1e-2
 # How often the probe scores its guess, to stop as soon as the leakage it looks for is shown.
 _CHECK_EVERY = 25

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from gradguard import GuardConfig
+from gradguard.config import CalibrationConfig
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class DemoConfig:
     Attack
         attack_iterations: Inverting Gradients steps (one restart) per defense; the attack sees
             client 1's batch-1 update of one of its images on the GradGuard federation's final
-            global model, the same update under each defense.
+            global model, the same update under each defense. The GradGuard clients' probe runs
+            the same attack at this budget, at most 500 (:attr:`probe_steps`).
     Other
         figure_images: images in the mask figure.
         threads: torch's intra-op threads (torch.set_num_threads); 1 suits this small model, whose
@@ -89,6 +91,12 @@ class DemoConfig:
         if bad:
             raise ValueError(f"invalid DemoConfig field(s) {bad}: see the DemoConfig docstring "
                              "(batch_size and figure_images may not exceed images_per_client)")
+
+    @property
+    def probe_steps(self) -> int:
+        """The GradGuard clients' probe budget: the demo's own attack, at most the default's 500
+        (a demo shortened with ``attack_iterations`` probes as briefly as it attacks)."""
+        return min(CalibrationConfig().probe_steps, self.attack_iterations)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -100,10 +100,12 @@ class GuardedClient(Client):
     unset (a secret one per guard), but the demo is an experiment that must rerun identically."""
 
     def __init__(self, client_id: str, images: Tensor, labels: Tensor, *, model: nn.Module, batch_size: int,
-                 lr: float, local_epochs: int, seed: int, rounds: int, preset: str = "default") -> None:
+                 lr: float, local_epochs: int, seed: int, rounds: int, preset: str = "default",
+                 probe_steps: int | None = None) -> None:
         super().__init__(client_id, images, labels, model=model, batch_size=batch_size, lr=lr,
                          local_epochs=local_epochs, seed=seed)
-        config = GuardConfig.preset(preset, total_rounds=rounds, seed=derive_seed(seed, client_id, "guard"))
+        steps = {} if probe_steps is None else {"probe_steps": probe_steps}
+        config = GuardConfig.preset(preset, total_rounds=rounds, seed=derive_seed(seed, client_id, "guard"), **steps)
         self.guard = GradGuard(config, client_id=client_id)
         # dataset_size: the presets that spend their noise on updates covering few images need it.
         self.model, self.optimizer = self.guard.wrap(self.model, self.optimizer, dataset_size=len(images))
@@ -154,7 +156,8 @@ def make_clients(defense: str, data: ImageSet, specs: Sequence[ClientSpec], *, m
                       model=copy.deepcopy(model), batch_size=spec.batch_size, lr=config.lr,
                       local_epochs=config.local_epochs, seed=config.seed)
         if defense == "gradguard":
-            clients.append(GuardedClient(spec.client_id, **common, rounds=config.rounds, preset=config.preset))
+            clients.append(GuardedClient(spec.client_id, **common, rounds=config.rounds, preset=config.preset,
+                                         probe_steps=config.probe_steps))
         elif defense == "dpsgd":
             clients.append(DPSGDClient(spec.client_id, **common, noise_multiplier=config.dpsgd_noise_multiplier,
                                        max_grad_norm=config.dpsgd_max_grad_norm))

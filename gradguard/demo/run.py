@@ -140,7 +140,7 @@ def run_demo(config: DemoConfig, out: Path, *, echo: Echo = print) -> tuple[Demo
             client = GuardedClient("client1", data.train.images, data.train.labels, model=model,
                                    batch_size=min(config.batch_size, len(data.train)), lr=config.lr,
                                    local_epochs=config.local_epochs, seed=config.seed, rounds=config.rounds,
-                                   preset=config.preset)
+                                   preset=config.preset, probe_steps=config.probe_steps)
             for round_index in range(config.rounds):
                 client.train_round(round_index)  # nothing is shared: no aggregator offline
             bytes_sent = 0

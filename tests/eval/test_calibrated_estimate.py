@@ -73,3 +73,37 @@ def test_the_estimate_bounds_inverting_gradients_on_a_trained_model(chest_images
     estimate = update.leakage.psnr_above_prior_max
     assert measured <= estimate + 1.0, f"attack {measured:.2f} dB above the prior, estimate {estimate:.2f} dB"
     assert measured <= update.leakage.target_db + 1.0
+
+
+def test_the_estimate_of_a_mixed_delta_bounds_inverting_gradients_on_it(chest_images):
+    """A second-round delta over 4 images in 4 one-image steps on the untrained ConvNet: the probe
+    attacks the gradient of all 4 (the round's mix) rather than one step's image, and its estimate
+    still bounds Inverting Gradients on the delta, matched as one gradient and by replaying the steps."""
+    images, labels = chest_images[0][:4], chest_images[1][:4]
+    torch.manual_seed(0)
+    model = ConvNet(1, 2, width=8, image_size=32)
+    guard = GradGuard(GuardConfig(leakage_target_db=100.0, seed=0))  # leaves the round unnoised
+    for round in (0, 1):
+        start = copy.deepcopy(model)
+        guard.begin_round(round)
+        wrapped, optimizer = guard.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01), dataset_size=4)
+        for i in range(4):
+            guard.set_sample_ids([str(i)], labels=labels[i:i + 1])
+            optimizer.zero_grad()
+            F.cross_entropy(wrapped(images[i:i + 1]), labels[i:i + 1]).backward()
+            optimizer.step()
+        update = guard.protected_update()
+        guard.cleanup()
+        model.load_state_dict(start.state_dict())  # the server's global model stays as it was
+    assert guard._probed[2] == 4 and update.leakage.noised_samples == 0
+    prior = (images.sum(dim=0, keepdim=True) - images) / 3  # the guard's leave-one-out priors
+    measured = -float("inf")
+    for simulate in (False, True):
+        attack = build_attack("inverting_gradients", iterations=500, restarts=1, seed=0, progress=False,
+                              simulate_steps=simulate)
+        recon = attack.reconstruct(model=start, update=update, image_shape=(1, 32, 32), num_classes=2).images
+        measured = max(measured, *(float(above_prior_db(variant, images, prior).max())
+                                   for variant in (recon, denoise(recon, "tv"))))
+    estimate = update.leakage.psnr_above_prior_max
+    assert measured > 0, "the undefended delta must leak for the test to mean anything"
+    assert measured <= estimate + 1.0, f"attack {measured:.2f} dB above the prior, estimate {estimate:.2f} dB"

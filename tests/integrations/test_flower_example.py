@@ -3,6 +3,7 @@ engine, ray), with GradGuard and with SecAgg+; and what `gradguard[flower]` must
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -18,14 +19,20 @@ import pytest
 APP_DIR = Path(__file__).resolve().parents[2] / "examples" / "flower"
 REPO = APP_DIR.parents[1]
 MAJORITY = 0.625  # PneumoniaMNIST's test split: 390 of 624 images show pneumonia
+# The cross-entropy of the best constant prediction on that split (the class frequencies): a model
+# that learned nothing beyond the class prior cannot score below it.
+PRIOR_LOSS = -(0.625 * math.log(0.625) + 0.375 * math.log(0.375))
 
 
 def _learns_under_noise(test: list[dict]) -> bool:
     """The default's probe finds most nodes' updates leaking and noises them (7 of 9 nodes in the
-    README's 5-round runs), which in this 3-round federation of 150 images costs accuracy
-    (measured 0.654 and 0.657, against above 0.675 unnoised): it must still learn, its test loss
-    falling and its accuracy at least the majority class's."""
-    return test[-1]["test-loss"] < test[0]["test-loss"] - 0.05 and test[-1]["test-acc"] >= MAJORITY
+    README's 5-round runs); each node's noise seed is its secret, so the noise differs from run to
+    run, and in this 3-round federation of 150 images it costs accuracy (measured 0.625 to 0.657,
+    against above 0.675 unnoised). It must still learn: its test loss ends below the class prior's
+    and its accuracy is at least the majority class's."""
+    return test[-1]["test-loss"] < PRIOR_LOSS and test[-1]["test-acc"] >= MAJORITY
+
+
 SMALL = "num-server-rounds=3 client-images=150 eval-images=50"
 
 
