@@ -965,8 +965,9 @@ class GradGuard:
     def _mix(self, ids: list[str], x: torch.Tensor) -> list[str]:
         """Ids of the kept images that the probe mixes with the batch ``x`` (named ``ids``): a delta
         mixes every image of the round, at least ``dataset_size`` of them (checked when the update is
-        made); none for a gradient, or when the round's images are not known."""
-        if self.config.update_kind != "delta" or self._dataset_size is None:
+        made); none for a gradient, or when the round's images are not known (hybrid DP's Poisson
+        sampling draws an unknown number of them)."""
+        if self.config.update_kind != "delta" or self._dataset_size is None or self._dp is not None:
             return []
         room = min(PROBE_MIX_IMAGES, self._dataset_size) - len(x)
         batch = set(ids)

@@ -210,7 +210,7 @@ def test_resnet18_with_batchnorm(chest_batch):
     images, labels = chest_batch
     model = resnet18(in_channels=1, num_classes=2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    guard = GradGuard()
+    guard = GradGuard(GuardConfig(probe_steps=5))  # the default's 500-step probe took a minute here
     guard.wrap(model, optimizer)
     train(model, optimizer, images, labels, steps=2)
     update = guard.protected_update()
