@@ -3,9 +3,10 @@ server: the probe), the malicious-server setting (the bound alone) and the targe
 
 Per model, four copies of one model train the same rounds (one local epoch over the same images,
 the same batches) one variant after another within each round, so machine noise hits them alike.
-The honest server's probe runs in the first round and every ``probe_every`` rounds after; the share
-of calibration in client time is (variant - plain) / variant over the whole run, and per round
-with and without a probe.
+The honest server's probe runs in the first round (the first batch alone), again in the second
+(where the guard mixes the images it saw into a delta's gradient, 16 of them here) and every
+``probe_every`` rounds after; the share of calibration in client time is (variant - plain) / variant
+over the whole run, and per round with and without a probe.
 
     python benchmarks/calibration_cost.py [--models smallcnn,resnet18] [--rounds 5] [--images 32]
 """
@@ -34,13 +35,14 @@ VARIANTS: dict[str, GuardConfig | None] = {
 
 def one_round(model: torch.nn.Module, config: GuardConfig | None, guard: GradGuard | None,
               batches: list[tuple[torch.Tensor, torch.Tensor]], round_: int) -> tuple[float, GradGuard | None]:
-    """Seconds of one local epoch (wrap, steps and the shared update) and the guard kept for the next."""
+    """Seconds of one local epoch (wrap, steps and the shared update) and the guard kept for the next;
+    the guard is told the round's image count, as a client that lets the probe mix them tells it."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     start = time.perf_counter()
     if config is not None:
         guard = guard or GradGuard(config)
         guard.begin_round(round_)
-        guard.wrap(model, optimizer)
+        guard.wrap(model, optimizer, dataset_size=sum(len(x) for x, _ in batches))
     for x, y in batches:
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
@@ -69,15 +71,18 @@ def main() -> None:
         models = {v: copy.deepcopy(base).train() for v in VARIANTS}
         guards: dict[str, GradGuard | None] = {v: None for v in VARIANTS}
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        probed: list[int] = []  # rounds in which the calibrated default's probe ran
         for r in range(args.rounds):
             order = list(VARIANTS)[r % len(VARIANTS):] + list(VARIANTS)[:r % len(VARIANTS)]
             for v in order:
                 seconds, guards[v] = one_round(models[v], VARIANTS[v], guards[v], batches, r)
                 times[v].append(seconds)
-        every = GuardConfig().calibration.probe_every
-        probed = [r for r in range(args.rounds) if r % every == 0]
+            calibrated = guards["gradguard"]
+            if calibrated is not None and calibrated._probed is not None and calibrated._probed[0] == r:
+                probed.append(r)
         plain = times["plain"]
-        result: dict[str, dict] = {"round_seconds": {v: [round(t, 3) for t in ts] for v, ts in times.items()}}
+        result: dict[str, dict] = {"round_seconds": {v: [round(t, 3) for t in ts] for v, ts in times.items()},
+                                   "probed_rounds": probed}
         for v in list(VARIANTS)[1:]:
             total = sum(times[v])
             result[v] = {
