@@ -986,7 +986,8 @@ class GradGuard:
         """
         target = self.config.calibration.leakage_target_db
         assert target is not None
-        known = labels
+        # The classes the server recovers (iDLG): the known ones, -1 where the guard was not told.
+        classes = torch.full((len(x),), -1, device=x.device) if labels is None else labels.to(x.device)
         if others:
             extra = torch.stack([self._kept[sid][0] for sid in others]).to(x)
             extra_prior = self._priors(extra)
@@ -994,11 +995,12 @@ class GradGuard:
             noise = torch.cat([noise, self._sample_noise(
                 extra, [derive_seed(self.seed, "noise", self.round, sid) for sid in others])])
             x, prior = torch.cat([x, extra]), torch.cat([prior, extra_prior])
-            kept = torch.tensor([self._kept[sid][1] for sid in others], device=x.device)
-            known = None if labels is None else torch.cat([labels.to(x.device), kept])
-        with torch.no_grad():
-            predicted = _Logits(self._global_model(), call, None, self._logits)(x).argmax(dim=1)
-        labels = predicted if known is None else torch.where(known.to(x.device) >= 0, known.to(x.device), predicted)
+            classes = torch.cat([classes, torch.tensor([self._kept[sid][1] for sid in others], device=x.device)])
+        if bool((classes < 0).any()):
+            with torch.no_grad():
+                predicted = _Logits(self._global_model(), call, None, self._logits)(x).argmax(dim=1)
+            classes = torch.where(classes >= 0, classes, predicted)
+        labels = classes
         # A layer that hands over its input hands over the noised input too: only the bound then holds.
         if self._exposed(x, labels, call, prior) > target:
             return 1.0, math.inf

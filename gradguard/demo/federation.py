@@ -100,12 +100,11 @@ class GuardedClient(Client):
     unset (a secret one per guard), but the demo is an experiment that must rerun identically."""
 
     def __init__(self, client_id: str, images: Tensor, labels: Tensor, *, model: nn.Module, batch_size: int,
-                 lr: float, local_epochs: int, seed: int, rounds: int, preset: str = "default",
-                 probe_steps: int | None = None) -> None:
+                 lr: float, local_epochs: int, seed: int, rounds: int, preset: str, probe_steps: int) -> None:
         super().__init__(client_id, images, labels, model=model, batch_size=batch_size, lr=lr,
                          local_epochs=local_epochs, seed=seed)
-        steps = {} if probe_steps is None else {"probe_steps": probe_steps}
-        config = GuardConfig.preset(preset, total_rounds=rounds, seed=derive_seed(seed, client_id, "guard"), **steps)
+        config = GuardConfig.preset(preset, total_rounds=rounds, seed=derive_seed(seed, client_id, "guard"),
+                                    probe_steps=probe_steps)
         self.guard = GradGuard(config, client_id=client_id)
         # dataset_size: the presets that spend their noise on updates covering few images need it.
         self.model, self.optimizer = self.guard.wrap(self.model, self.optimizer, dataset_size=len(images))

@@ -21,7 +21,7 @@ REPO = APP_DIR.parents[1]
 MAJORITY = 0.625  # PneumoniaMNIST's test split: 390 of 624 images show pneumonia
 # The cross-entropy of the best constant prediction on that split (the class frequencies): a model
 # that learned nothing beyond the class prior cannot score below it.
-PRIOR_LOSS = -(0.625 * math.log(0.625) + 0.375 * math.log(0.375))
+PRIOR_LOSS = -(MAJORITY * math.log(MAJORITY) + (1 - MAJORITY) * math.log(1 - MAJORITY))
 
 
 def _learns_under_noise(test: list[dict]) -> bool:

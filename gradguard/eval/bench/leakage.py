@@ -306,8 +306,7 @@ def leakage_cell(experiment: Experiment, data: Data, setting: LeakageSetting, sp
             batches.append((originals[pick], labels[pick]))
     ids = [f"{data.train.name}:{client[j]}" for _ in range(setting.local_epochs) for j in order]
     defense = _defense(Spec(spec.name, {**spec.params, "share": setting.share}), seed)
-    if isinstance(defense, GuardedDefense) \
-            and GuardConfig.preset(defense.preset, **defense.overrides).calibration.enabled:
+    if isinstance(defense, GuardedDefense) and defense.config.calibration.enabled:
         # A calibrated guard's probe mixes the images of the rounds it has seen into a delta's
         # gradient: the attacked round is the client's second, as in a federation past its first.
         defense.local_update(model, batches, lr=setting.lr, round=0,

@@ -94,10 +94,15 @@ class GuardedDefense(Defense):
         return self._leakage
 
     @property
+    def config(self) -> GuardConfig:
+        """The preset with this defense's overrides (each client's guard adds its seed and rounds)."""
+        return GuardConfig.preset(self.preset, **self.overrides)
+
+    @property
     def delta(self) -> float | None:
         if self.overrides.get("dp_noise_multiplier") is None:
             return None
-        return GuardConfig.preset(self.preset, **self.overrides).dp_delta
+        return self.config.dp_delta
 
     def epsilon(self, *, delta: float, client_id: str | None = None) -> float | None:
         """The hybrid DP mode's epsilon as the guard reports it (at its configured delta)."""
