@@ -98,6 +98,12 @@ def summarize(runs: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[d
         summary["seconds"] = _mean_sd([r["seconds"] for r in group])[0]
         summary["collapsed_runs"] = sum(r["collapsed"] for r in group)
         summary["majority_accuracy"] = group[0]["majority_accuracy"]
+        # The same models with BatchNorm statistics of the server's public images (runs that have them).
+        public: list[dict[str, Any]] = [r["bn_public"] for r in group if r.get("bn_public") is not None]
+        summary["bn_public"] = None if len(public) < len(group) else {
+            **{f"{m}_{k}": v for m in UTILITY for k, v in zip(("mean", "sd"), _mean_sd([p[m] for p in public]))},
+            "collapsed_runs": sum(p["collapsed"] for p in public)}
+        summary["noise_by_client"] = noise_by_client([r.get("noise_history") for r in group])
         chosen = strongest.get((dataset, defense), [])
         summary["captures"] = len(chosen)
         summary["attack_seeds"] = sorted({c["seed"] for c in chosen})
@@ -126,6 +132,42 @@ def summarize(runs: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[d
         summary["psnr_best_per_capture"] = {k: float(np.mean(v)) for k, v in per_capture.items()}
         summaries.append(summary)
     return summaries
+
+
+def noise_by_client(histories: list[list[dict[str, Any]] | None]) -> dict[str, dict[str, float]] | None:
+    """Where a calibrated defense's noise went, per client over the runs (None unless every run kept
+    its history): the client's images, the share of its rounds that were noised, its mean amplitude
+    in those rounds, and its share of all the noise (images x amplitude^2, summed over rounds)."""
+    if not histories or any(h is None for h in histories):
+        return None
+    entries = [e for h in histories for e in h or []]
+    total = sum(e["noised_samples"] * e["amplitude_mean"] ** 2 for e in entries) or 1.0
+    out = {}
+    for client in sorted({e["client"] for e in entries}, key=lambda c: (len(c), c)):
+        mine = [e for e in entries if e["client"] == client]
+        noised = [e for e in mine if e["noised_samples"]]
+        amplitude = float(np.mean([e["amplitude_mean"] for e in noised])) if noised else 0.0
+        out[client] = {"images": float(np.mean([e["samples"] for e in mine])),
+                       "noised_round_share": len(noised) / len(mine), "amplitude_when_noised": amplitude,
+                       "noise_share": sum(e["noised_samples"] * e["amplitude_mean"] ** 2 for e in mine) / total}
+    return out
+
+
+def _noise_tables(rows: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for s in rows:
+        clients = s.get("noise_by_client")
+        if not clients:
+            continue
+        lines += ["", f"### Where `{s['defense']}`'s noise went", "",
+                  "Per client over every round of every seed: the share of rounds it noised, its mean amplitude "
+                  "(RMS over the image's largest value) in those rounds, and its share of all the noise "
+                  "(images x amplitude², summed over rounds).", "",
+                  "| client | images | rounds noised | amplitude when noised | share of the noise |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c} | {v['images']:.0f} | {100 * v['noised_round_share']:.0f}% "
+                  f"| {v['amplitude_when_noised']:.3f} | {100 * v['noise_share']:.1f}% |" for c, v in clients.items()]
+    return lines
 
 
 def _reference(summaries: list[dict[str, Any]], dataset: str) -> dict[str, Any] | None:
@@ -196,6 +238,15 @@ def _f1(summary: dict[str, Any], metric: str) -> str:
     return f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
 
 
+def _public_f1(summary: dict[str, Any]) -> str:
+    """Micro- / macro-F1 with BatchNorm statistics of the server's public images, collapsed runs counted."""
+    public = summary.get("bn_public")
+    if public is None:
+        return "–"
+    collapsed = f" (**{public['collapsed_runs']}** collapsed)" if public["collapsed_runs"] else ""
+    return f"{100 * public['micro_f1_mean']:.1f} / {100 * public['macro_f1_mean']:.1f}{collapsed}"
+
+
 def _delta(value: float, ref: float | None, spec: str) -> str:
     return "" if ref is None else f" ({value - ref:{spec}})"
 
@@ -219,11 +270,13 @@ def markdown_table(dataset: str, summaries: list[dict[str, Any]], config: dict[s
         "*best* = best match over the client's images "
         "(the paper's protocol), *strict* = one-to-one matching. Differences (in brackets) are to no defense; "
         "LPIPS as a ratio. F1 and accuracy in points, mean ± sd over seeds. *collapsed*: runs (of all seeds) "
-        f"whose model predicts about one class (majority-class accuracy {100 * rows[0]['majority_accuracy']:.1f}).",
+        f"whose model predicts about one class (majority-class accuracy {100 * rows[0]['majority_accuracy']:.1f}). "
+        "*public BN*: the same final models with BatchNorm statistics re-estimated on the public validation split "
+        "(the server's own images), mean over seeds.",
         "",
         "| defense | PSNR best (Δ dB) | SSIM best (Δ) | LPIPS best (×) | PSNR strict (Δ) | SSIM strict "
-        "| LPIPS strict | micro-F1 (Δ) | macro-F1 | ε | s/run | collapsed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| LPIPS strict | micro-F1 (Δ) | macro-F1 | ε | s/run | collapsed | micro / macro-F1, public BN |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in rows:
         leak = s["leakage"]
@@ -241,16 +294,17 @@ def markdown_table(dataset: str, summaries: list[dict[str, Any]], config: dict[s
         f1 = _f1(s, "micro_f1") + _delta(100 * s["micro_f1_mean"], ref_f1, "+.1f")
         collapsed = f"**{s['collapsed_runs']}/{len(s['seeds'])}**" if s["collapsed_runs"] else "0"
         lines.append(f"| {s['defense']} | " + " | ".join(
-            [*cells, f1, _f1(s, "macro_f1"), _epsilon(s), f"{s['seconds']:.0f}", collapsed]) + " |")
+            [*cells, f1, _f1(s, "macro_f1"), _epsilon(s), f"{s['seconds']:.0f}", collapsed, _public_f1(s)]) + " |")
     floor = next((s["mean_image"] for s in rows if s["mean_image"]), None)
     if floor is not None:
         lines.append("| *mean image (no update)* | " + " | ".join(
-            f"{floor[m]:.{2 if m.startswith('psnr') else 3}f}" for m in METRICS) + " | – | – | – | – | – |")
+            f"{floor[m]:.{2 if m.startswith('psnr') else 3}f}" for m in METRICS) + " | – | – | – | – | – | – |")
         lines += ["", "*mean image*: the attacker's own data's mean image (the validation split), scored against "
                       "the same clients; it needs no update, so leakage at or below it reveals nothing beyond "
                       "the data distribution."]
     lines += _detail_tables(rows, ref, several_runs=len(attacked) > 1)
     lines += _verdicts(dataset, rows, ref)
+    lines += _noise_tables(rows)
     return "\n".join(lines) + "\n"
 
 

@@ -262,3 +262,30 @@ def test_dp_runs_without_noise_are_reported_as_unbounded_epsilon():
     assert _epsilon(summary) == "3.00"
     (summary,) = summarize([{**run, "delta": None}], [])
     assert _epsilon(summary) == "–"
+
+
+def test_runs_summarise_public_batchnorm_f1_and_where_the_noise_went():
+    from gradguard.eval.report import summarize
+
+    run = {"dataset": "d", "defense": "gradguard", "defense_name": "gradguard", "defense_params": {}, "seed": 0,
+           "accuracy": 0.8, "micro_f1": 0.8, "macro_f1": 0.7, "delta": None, "seconds": 1.0, "collapsed": False,
+           "majority_accuracy": 0.6, "epsilon": None}
+    history = [{"round": 1, "client": "c2", "samples": 4, "noised_samples": 4, "amplitude_mean": 0.5},
+               {"round": 1, "client": "c10", "samples": 2, "noised_samples": 0, "amplitude_mean": 0.0},
+               {"round": 2, "client": "c2", "samples": 4, "noised_samples": 0, "amplitude_mean": 0.0},
+               {"round": 2, "client": "c10", "samples": 2, "noised_samples": 2, "amplitude_mean": 1.0}]
+    public = {"accuracy": 0.9, "micro_f1": 0.9, "macro_f1": 0.8, "collapsed": False}
+    (summary,) = summarize([{**run, "bn_public": public, "noise_history": history},
+                            {**run, "seed": 1, "bn_public": {**public, "micro_f1": 0.7, "collapsed": True},
+                             "noise_history": []}], [])
+    assert summary["bn_public"]["micro_f1_mean"] == pytest.approx(0.8)
+    assert summary["bn_public"]["collapsed_runs"] == 1
+    # noise: c2 4 x 0.25 = 1, c10 2 x 1 = 2 of 3 in all
+    assert summary["noise_by_client"] == {
+        "c2": {"images": 4.0, "noised_round_share": 0.5, "amplitude_when_noised": 0.5,
+               "noise_share": pytest.approx(1 / 3)},
+        "c10": {"images": 2.0, "noised_round_share": 0.5, "amplitude_when_noised": 1.0,
+                "noise_share": pytest.approx(2 / 3)}}
+    # Runs cached before either was recorded summarise to None, not to a wrong figure.
+    (old,) = summarize([run, {**run, "seed": 1, "bn_public": public, "noise_history": history}], [])
+    assert old["bn_public"] is None and old["noise_by_client"] is None

@@ -284,6 +284,18 @@ def test_guarded_defenses_drive_gradguards_public_api_and_keep_masks_across_roun
     assert torch.equal(snapshot(model)["classifier.weight"], _model().classifier.weight)
 
 
+def test_calibrated_defense_keeps_where_its_noise_went_round_by_round():
+    model, batches = _model(), _batches()
+    defense = build_defense("gradguard", probe_steps=5)
+    for t in range(2):
+        defense.local_update(model, batches, lr=0.05, round=t, total_rounds=4, client_id="c1")
+    assert [(h["round"], h["client"], h["samples"]) for h in defense.noise_history] == [(0, "c1", 8), (1, "c1", 8)]
+    last, estimate = defense.noise_history[-1], defense.leakage["c1"]
+    assert (last["noised_samples"], last["amplitude_mean"], last["psnr_above_prior_max"]) == (
+        estimate.noised_samples, estimate.amplitude_mean, estimate.psnr_above_prior_max)
+    assert build_defense("targeted").noise_history == []  # presets carry no estimate
+
+
 # ---------------------------------------------------------------- against a real attack
 STRONGEST = {
     "dpsgd": dict(noise_multiplier=1.0, max_grad_norm=1.0),

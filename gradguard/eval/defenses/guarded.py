@@ -32,6 +32,7 @@ class GuardedDefense(Defense):
         self.overrides = overrides
         self.guards: dict[str, GradGuard] = {}
         self._leakage: dict[str, LeakageEstimate] = {}
+        self._history: list[dict[str, Any]] = []
         self._epsilon: dict[str, float] = {}
 
     @classmethod
@@ -87,11 +88,21 @@ class GuardedDefense(Defense):
             self._epsilon[context.client_id] = update.epsilon
         if update.leakage is not None:
             self._leakage[context.client_id] = update.leakage
+            self._history.append({"round": context.round, "client": context.client_id,
+                                  "samples": update.leakage.samples, "noised_samples": update.leakage.noised_samples,
+                                  "amplitude_mean": update.leakage.amplitude_mean,
+                                  "psnr_above_prior_max": update.leakage.psnr_above_prior_max})
         return update.tensors
 
     @property
     def leakage(self) -> dict[str, LeakageEstimate]:
         return self._leakage
+
+    @property
+    def noise_history(self) -> list[dict[str, Any]]:
+        """Per calibrated update, in order: its round, client, samples, how many were noised, the mean
+        amplitude and the estimate (where a federation's noise goes, round by round)."""
+        return self._history
 
     @property
     def config(self) -> GuardConfig:
