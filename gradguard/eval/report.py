@@ -140,16 +140,20 @@ def noise_by_client(histories: list[list[dict[str, Any]] | None]) -> dict[str, d
     in those rounds, and its share of all the noise (images x amplitude^2, summed over rounds)."""
     if not histories or any(h is None for h in histories):
         return None
-    entries = [e for h in histories for e in h or []]
-    total = sum(e["noised_samples"] * e["amplitude_mean"] ** 2 for e in entries) or 1.0
+    by_client: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for history in histories:
+        for entry in history or ():
+            by_client[entry["client"]].append(entry)
+    energy = {c: sum(e["noised_samples"] * e["amplitude_mean"] ** 2 for e in mine) for c, mine in by_client.items()}
+    total = sum(energy.values()) or 1.0
     out = {}
-    for client in sorted({e["client"] for e in entries}, key=lambda c: (len(c), c)):
-        mine = [e for e in entries if e["client"] == client]
-        noised = [e for e in mine if e["noised_samples"]]
-        amplitude = float(np.mean([e["amplitude_mean"] for e in noised])) if noised else 0.0
+    for client in sorted(by_client, key=lambda c: (len(c), c)):
+        mine = by_client[client]
+        noised = [e["amplitude_mean"] for e in mine if e["noised_samples"]]
         out[client] = {"images": float(np.mean([e["samples"] for e in mine])),
-                       "noised_round_share": len(noised) / len(mine), "amplitude_when_noised": amplitude,
-                       "noise_share": sum(e["noised_samples"] * e["amplitude_mean"] ** 2 for e in mine) / total}
+                       "noised_round_share": len(noised) / len(mine),
+                       "amplitude_when_noised": float(np.mean(noised)) if noised else 0.0,
+                       "noise_share": energy[client] / total}
     return out
 
 

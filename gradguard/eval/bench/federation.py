@@ -136,12 +136,12 @@ def batchnorm_reestimated(model: nn.Module, images: Tensor, *, device: torch.dev
     replace them without any client's clean statistic. One forward of all of ``images`` in
     training mode at momentum 1 makes each layer's running statistics that batch's mean and
     unbiased variance of its inputs, exactly."""
-    copied = copy.deepcopy(model).to(device)
-    layers = [m for m in copied.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not layers:
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
         return None
-    for layer in layers:
-        layer.momentum = 1.0
+    copied = copy.deepcopy(model).to(device)
+    for layer in copied.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.momentum = 1.0
     copied.train()
     copied(images.to(device))
     return copied.eval()

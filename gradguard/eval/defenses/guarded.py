@@ -31,8 +31,7 @@ class GuardedDefense(Defense):
         super().__init__(share=share, preset=self.preset, **overrides)
         self.overrides = overrides
         self.guards: dict[str, GradGuard] = {}
-        self._leakage: dict[str, LeakageEstimate] = {}
-        self._history: list[dict[str, Any]] = []
+        self._estimates: list[tuple[int, str, LeakageEstimate]] = []  # (round, client, estimate) per update
         self._epsilon: dict[str, float] = {}
 
     @classmethod
@@ -87,22 +86,21 @@ class GuardedDefense(Defense):
         if update.epsilon is not None:
             self._epsilon[context.client_id] = update.epsilon
         if update.leakage is not None:
-            self._leakage[context.client_id] = update.leakage
-            self._history.append({"round": context.round, "client": context.client_id,
-                                  "samples": update.leakage.samples, "noised_samples": update.leakage.noised_samples,
-                                  "amplitude_mean": update.leakage.amplitude_mean,
-                                  "psnr_above_prior_max": update.leakage.psnr_above_prior_max})
+            self._estimates.append((context.round, context.client_id, update.leakage))
         return update.tensors
 
     @property
     def leakage(self) -> dict[str, LeakageEstimate]:
-        return self._leakage
+        """Each client's last leakage estimate."""
+        return {client: estimate for _, client, estimate in self._estimates}
 
     @property
     def noise_history(self) -> list[dict[str, Any]]:
         """Per calibrated update, in order: its round, client, samples, how many were noised, the mean
         amplitude and the estimate (where a federation's noise goes, round by round)."""
-        return self._history
+        return [{"round": r, "client": client, "samples": e.samples, "noised_samples": e.noised_samples,
+                 "amplitude_mean": e.amplitude_mean, "psnr_above_prior_max": e.psnr_above_prior_max}
+                for r, client, e in self._estimates]
 
     @property
     def config(self) -> GuardConfig:
