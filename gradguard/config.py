@@ -185,8 +185,11 @@ class ShadowConfig:
 
     kind: "feature_inverter" (a small decoder from what the final Linear's gradient reveals back to the
         image, co-trained on the client's data), "generator" (the paper's latent-code generator matching
-        gradients and BatchNorm statistics; 2-D images), a registered shadow, or "none".
-    lr, steps_per_batch, width: its Adam learning rate, steps per observed batch and channel width.
+        gradients and BatchNorm statistics; 2-D images), "gradient_attack" (no model: the probe's
+        gradient-inversion attack itself, run on the batch's clean gradient whenever a mask is made;
+        noise goes where it recovers the image better than the prior), a registered shadow, or "none".
+    lr, steps_per_batch, width: its Adam learning rate, steps per observed batch and channel width
+        (for "gradient_attack": the attack's iterations per mask; lr and width are unused).
     train_every: co-train on every n-th local step's batch (masks change only every refresh anyway).
     """
 
@@ -420,8 +423,8 @@ class GuardConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> GuardConfig:
-        """A named preset: default, malicious_server, targeted, chest_xray, fundus, shadowdef, shadow_only,
-        relevance_only, untargeted."""
+        """A named preset: default, malicious_server, targeted, attack_targeted, chest_xray, fundus, shadowdef,
+        shadow_only, relevance_only, untargeted."""
         try:
             base = PRESETS[name]
         except KeyError:
@@ -465,6 +468,10 @@ PRESETS: dict[str, GuardConfig] = {
     "chest_xray": _TARGETED.with_(relevance_class="predicted", vulnerability_temperature=1.0, update_exponent=0.5,
                                   noise_amplitude=0.9),
     "fundus": _TARGETED.with_(mask_floor=0.7, update_exponent=0.5, noise_amplitude=1.0),
+    # The vulnerability map taken from what the attack itself recovers, with the Grad-CAM relevance
+    # map for utility. A map is made when a sample is first seen (refreshes would repeat the attack
+    # every few steps; at 100 iterations one map of a batch of 8 takes seconds on a CPU).
+    "attack_targeted": _TARGETED.with_(shadow="gradient_attack", shadow_steps_per_batch=100, refresh_every=1000),
     # Ablations the benchmark reports.
     "shadow_only": _TARGETED.with_(relevance_method="none"),
     "relevance_only": _TARGETED.with_(shadow="none"),

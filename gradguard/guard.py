@@ -46,7 +46,8 @@ from gradguard.config import GuardConfig, derive_seed
 from gradguard.errors import ConfigError, GradGuardError, GradGuardWarning, UnsupportedModelError, last_layer
 from gradguard.per_sample import HybridDP, epsilon, new_accountant, validate_per_sample
 from gradguard.relevance import LAYER_METHODS, attribution, gradcam_from, last_conv_layer, to_pixels
-from gradguard.shadow import Shadow, ShadowInputs, build_shadow
+from gradguard.shadow import SHADOWS, Shadow, ShadowInputs, build_shadow
+from gradguard.shadow.base import per_pixel_error
 from gradguard.update import LeakageEstimate, ProtectedUpdate, snapshot, weight_delta
 
 if TYPE_CHECKING:  # opacus is imported only when hybrid DP is used
@@ -718,8 +719,12 @@ class GradGuard:
             shadow = self._ensure_shadow(images, captured["features"])
             error = shadow.error_map(ShadowInputs(images=images, features=captured["features"], model=forward,
                                                   targets=targets, ids=ids))
-            rule = mk.shadowdef_vulnerability_map if cfg.masks.combine == "subtract" else mk.vulnerability_map
-            vulnerability = rule(error, temperature=cfg.masks.vulnerability_temperature)
+            if shadow.scored_against_prior:
+                vulnerability = mk.recovery_map(error, per_pixel_error(self._priors(images), images),
+                                                 sigma=cfg.noise.smoothness)
+            else:
+                rule = mk.shadowdef_vulnerability_map if cfg.masks.combine == "subtract" else mk.vulnerability_map
+                vulnerability = rule(error, temperature=cfg.masks.vulnerability_temperature)
         return vulnerability, relevance, explained
 
     def _mask(self, vulnerability: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
@@ -854,6 +859,9 @@ class GradGuard:
                 ) -> torch.Tensor:
         """The fixed-amplitude rule: each sample noised through its mask, refreshed every k steps."""
         refresh_all = self.total_steps % self.config.masks.refresh_every == 0
+        kind = self.config.shadow.kind
+        if kind != "none" and getattr(SHADOWS.lookup(kind), "scored_against_prior", False):
+            self._observe(images, ids, labels)  # the attack's prior: the mean of the other images seen
         stale = [i for i, sid in enumerate(ids) if refresh_all or sid not in self.masks]
         if stale:
             rows = None if len(stale) == len(ids) else torch.tensor(stale, device=images.device)

@@ -43,6 +43,16 @@ def vulnerability_map(error: torch.Tensor, *, temperature: float) -> torch.Tenso
     return spatial_softmax(equalize(-error), temperature)
 
 
+def recovery_map(error: torch.Tensor, prior_error: torch.Tensor, *, sigma: float) -> torch.Tensor:
+    """Where an attack recovers a pixel better than the prior guesses it: the gain in squared error
+    (0 where the attack does no better: noise there buys nothing), blurred over ``sigma`` pixels
+    (one pixel's error is noisy, and noise cannot be placed more finely than it is correlated),
+    peak 1. A sample the attack recovers nowhere gets a flat map: no pixel needs the noise more."""
+    gain = gaussian_blur((prior_error - error).clamp_min(0.0), sigma=sigma)
+    peak = per_sample(gain.flatten(1).amax(dim=1), gain)
+    return torch.where(peak > 0, gain / peak.clamp_min(1e-30), torch.ones_like(gain))
+
+
 def shadowdef_vulnerability_map(error: torch.Tensor, *, temperature: float = 20.0) -> torch.Tensor:
     """The paper's rule: r = softmax(e/T), n = hist-equalise(1/r), V = softmax(n/T)."""
     r = torch.softmax(error.flatten(1) / temperature, dim=1).view_as(error)
@@ -126,22 +136,30 @@ def low_pass_noise(white: torch.Tensor, *, sigma: float) -> torch.Tensor:
     Denoisers (TV, non-local means) remove white noise from a reconstruction but not spatially
     correlated noise, so at equal energy this survives an adaptive attacker.
     """
-    radius = max(int(3 * sigma), 1)
-    offsets = torch.arange(-radius, radius + 1, device=white.device, dtype=white.dtype)
-    kernel = torch.exp(-offsets.pow(2) / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
-    channels, spatial = white.shape[1], white.ndim - 2
+    blurred = gaussian_blur(white, sigma=sigma)
+    std = blurred.flatten(1).std(dim=1).clamp_min(1e-12)
+    return blurred / per_sample(std, blurred)
+
+
+def gaussian_blur(x: torch.Tensor, *, sigma: float) -> torch.Tensor:
+    """``x`` [B, C, ...] blurred by a Gaussian of ``sigma`` pixels along every spatial axis (reflected
+    edges; the kernel is cut at 3 sigma, or at the axis' length)."""
+    channels, spatial = x.shape[1], x.ndim - 2
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
-    blurred = white
+    blurred = x
     for axis in range(spatial):  # separable: one 1-D blur per spatial axis
+        radius = min(max(int(3 * sigma), 1), x.shape[2 + axis] - 1)
+        if radius < 1:
+            continue
+        offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+        kernel = torch.exp(-offsets.pow(2) / (2 * sigma ** 2))
         shape = [1] * spatial
         shape[axis] = -1
         pad = [0, 0] * spatial
         pad[2 * (spatial - 1 - axis):2 * (spatial - axis)] = [radius, radius]  # F.pad lists the last axis first
-        weight = kernel.view(1, 1, *shape).expand(channels, 1, *kernel.view(*shape).shape)
+        weight = (kernel / kernel.sum()).view(1, 1, *shape).expand(channels, 1, *kernel.view(*shape).shape)
         blurred = conv(F.pad(blurred, pad, mode="reflect"), weight, groups=channels)
-    std = blurred.flatten(1).std(dim=1).clamp_min(1e-12)
-    return blurred / per_sample(std, blurred)
+    return blurred
 
 
 def sample_ids(images: torch.Tensor) -> list[str]:

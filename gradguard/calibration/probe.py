@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradguard.calibration.denoisers import DENOISERS, denoise
+from gradguard.masks import per_sample
 
 # What the probe's estimate adds for the attacks it is shorter than: the tolerance of the leakage
 # report (an estimate at least the strongest measured attack minus 1 dB).
@@ -66,6 +67,20 @@ def _matched(estimates: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return unit[:, None] * x.std(dim=2)[None, :, :, None] + x.mean(dim=2)[None, :, :, None]
 
 
+def _nearest(estimates: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every true image [N], the least mean squared error of any estimate [E], as it is or
+    rescaled to the image's mean and contrast; the estimate that reaches it; and whether rescaled."""
+    x = images.flatten(2).double()
+    # In chunks of estimates: every estimate is compared with every image ([E, N, C, P] at once).
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, x.numel()))
+    raw, matched = zip(*[((part.flatten(2).double()[:, None] - x[None]).pow(2).mean(dim=(2, 3)),
+                          (_matched(part, images) - x[None]).pow(2).mean(dim=(2, 3)))
+                         for part in estimates.split(chunk)])
+    errors = torch.stack([torch.cat(raw), torch.cat(matched)])  # [as is / rescaled, estimates, images]
+    best, which = errors.flatten(0, 1).min(dim=0)
+    return best, which % len(estimates), which >= len(estimates)
+
+
 def above_prior_db(estimates: torch.Tensor, images: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """10 log10(MSE(prior) / MSE(best estimate)) per true image [N], the best of all the estimates
     (an attack's images need not come out in the batch's order), each as it is and rescaled to the
@@ -73,11 +88,7 @@ def above_prior_db(estimates: torch.Tensor, images: torch.Tensor, prior: torch.T
     update, and an attacker restores them from public data at best that well); ``prior`` [N] is
     one guess per image, scored the same two ways."""
     x = images.flatten(2).double()
-    # In chunks of estimates: every estimate is compared with every image ([E, N, C, P] at once).
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, x.numel()))
-    errors = torch.cat([torch.minimum((part.flatten(2).double()[:, None] - x[None]).pow(2).mean(dim=(2, 3)),
-                                      (_matched(part, images) - x[None]).pow(2).mean(dim=(2, 3)))
-                        for part in estimates.split(chunk)])  # [estimates, images]
+    errors = _nearest(estimates, images)[0]
     # The prior gets the same rescaling: knowing an image's brightness and contrast is not recovering
     # it; and it is never worse than a flat image at that brightness, which the rescaling grants any
     # estimate (a leave-one-out mean of a few images can be: measured +1.8 dB for a flat guess).
@@ -85,7 +96,17 @@ def above_prior_db(estimates: torch.Tensor, images: torch.Tensor, prior: torch.T
                                (_matched(prior, images).diagonal(dim1=0, dim2=1).permute(2, 0, 1)
                                 - x).pow(2).mean(dim=(1, 2)),
                                x.var(dim=2, unbiased=False).mean(dim=1)]).amin(dim=0)
-    return 10 * torch.log10(prior_error.clamp_min(1e-20) / errors.min(dim=0).values.clamp_min(1e-20))
+    return 10 * torch.log10(prior_error.clamp_min(1e-20) / errors.clamp_min(1e-20))
+
+
+def recovered(estimates: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Each true image's best estimate [N, ...] (the one :func:`above_prior_db` scores), as the
+    attacker would present it: rescaled to the image's mean and contrast where that scored better."""
+    _, which, rescaled = _nearest(estimates, images)
+    picked = estimates[which]
+    rows = torch.arange(len(images), device=images.device)
+    matched = _matched(picked, images)[rows, rows].view_as(images).to(images.dtype)
+    return torch.where(per_sample(rescaled, images), matched, picked.to(images.dtype))
 
 
 @contextmanager
@@ -115,6 +136,16 @@ def gradient_probe(model: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
     exceeds ``stop_above`` (the caller's question is answered: the update leaks). The model is
     left as it was (buffers included).
     """
+    guesses = invert_gradient(model, forward, images, labels, steps=steps, seed=seed, shared=shared,
+                              stop=(prior, stop_above))
+    return above_prior_db(guesses, images, prior)
+
+
+def invert_gradient(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                    labels: torch.Tensor, *, steps: int, seed: int, shared: torch.Tensor | None = None,
+                    stop: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """The estimates of :func:`gradient_probe`'s attack: its guess [N, ...] followed by each blind
+    denoiser's version of it. ``stop`` = (prior, dB): stop once some image is that far above the prior."""
     with buffers_kept(model), torch.enable_grad():
         inputs = images if shared is None else shared
         target = [g.detach() for g in _gradient(model, forward, inputs.detach(), labels, create_graph=False)]
@@ -140,10 +171,10 @@ def gradient_probe(model: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
             schedule.step()
             with torch.no_grad():
                 guess.clamp_(low, high)
-            if step_index % _CHECK_EVERY == 0 and step_index < steps \
-                    and float(above_prior_db(guess.detach(), images, prior).max()) > stop_above:
+            if stop is not None and step_index % _CHECK_EVERY == 0 and step_index < steps \
+                    and float(above_prior_db(guess.detach(), images, stop[0]).max()) > stop[1]:
                 break
-    return above_prior_db(_with_denoised(guess.detach(), low, high), images, prior)
+    return _with_denoised(guess.detach(), low, high)
 
 
 def _with_denoised(guess: torch.Tensor, low: float, high: float) -> torch.Tensor:

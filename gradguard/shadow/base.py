@@ -40,6 +40,8 @@ class Shadow(ABC):
 
     net: nn.Module
     optimizer: torch.optim.Optimizer
+    # True for a shadow that runs a real attack: its error counts only where it beats the prior's.
+    scored_against_prior: bool = False
 
     @abstractmethod
     def observe(self, features: torch.Tensor, images: torch.Tensor) -> None:

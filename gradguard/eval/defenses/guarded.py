@@ -138,6 +138,14 @@ class TargetedDefense(GuardedDefense):
 
 
 @register_defense
+class AttackTargetedDefense(GuardedDefense):
+    """The targeted masks with the vulnerability map of the attack itself (the ``attack_targeted`` preset)."""
+
+    name = "attack_targeted"
+    preset = "attack_targeted"
+
+
+@register_defense
 class ShadowDefDefense(GuardedDefense):
     """The seed paper's formulas (Jiang et al. 2025) on GradGuard's machinery."""
 
