@@ -859,11 +859,11 @@ class GradGuard:
                 ) -> torch.Tensor:
         """The fixed-amplitude rule: each sample noised through its mask, refreshed every k steps."""
         refresh_all = self.total_steps % self.config.masks.refresh_every == 0
-        kind = self.config.shadow.kind
-        if kind != "none" and getattr(SHADOWS.lookup(kind), "scored_against_prior", False):
-            self._observe(images, ids, labels)  # the attack's prior: the mean of the other images seen
         stale = [i for i, sid in enumerate(ids) if refresh_all or sid not in self.masks]
         if stale:
+            kind = self.config.shadow.kind  # every image is stale when first seen, so none is missed here
+            if kind != "none" and getattr(SHADOWS.lookup(kind), "scored_against_prior", False):
+                self._observe(images, ids, labels)  # the attack's prior: the mean of the other images seen
             rows = None if len(stale) == len(ids) else torch.tensor(stale, device=images.device)
             with torch.enable_grad():
                 v, r, _ = self._maps(images.detach() if rows is None else images[rows].detach(),

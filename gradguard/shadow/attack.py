@@ -11,7 +11,6 @@ It learns nothing, so it has no state to save; each map costs ``steps`` attack i
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from gradguard.calibration.probe import invert_gradient, recovered
 from gradguard.config import derive_seed
@@ -31,13 +30,12 @@ class GradientAttack(Shadow):
         """Nothing to learn: the attack runs afresh on every batch it maps."""
 
     def error_map(self, inputs: ShadowInputs) -> torch.Tensor:
-        model = inputs.model
-        assert isinstance(model, nn.Module)
+        model, images = inputs.model, inputs.images.detach()
         self._maps += 1
         with train_mode_without_side_effects(model):  # the gradient a client shares is a training one
-            estimates = invert_gradient(model, model, inputs.images.detach(), inputs.targets, steps=self.steps,
+            estimates = invert_gradient(model, model, images, inputs.targets, steps=self.steps,
                                         seed=derive_seed(self.seed, "gradient_attack", self._maps))
-        return per_pixel_error(recovered(estimates, inputs.images.detach()), inputs.images.detach())
+        return per_pixel_error(recovered(estimates, images), images)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
