@@ -7,7 +7,7 @@ EXTRAS ?= dev,eval,flower
 SHARED ?= $(abspath ../shared)
 export GRADGUARD_SHARED ?= $(SHARED)
 
-.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-leakage bench-leakage-full bench-calibrated bench-bound-tightness bench-calibration-cost bench-paper bench-paper-seeds bench-mid-clients proto clean
+.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-leakage bench-leakage-full bench-calibrated bench-bound-tightness bench-calibration-cost bench-probe-mix bench-paper bench-paper-seeds bench-mid-clients proto clean
 
 venv: $(STAMP)
 
@@ -71,6 +71,10 @@ bench-bound-tightness: $(STAMP)
 
 bench-calibration-cost: $(STAMP)
 	$(PY) benchmarks/calibration_cost.py
+
+# How many of a large client's images the probe mixes into a delta's stand-in (RESULTS.md).
+bench-probe-mix: $(STAMP)
+	$(PY) benchmarks/probe_mix.py --mixes 8,16,32 --draws 3 --trained 0,200
 
 # The federation benchmark's full report (benchmarks/experiments/paper.toml) on CPU: one process per
 # dataset sharing the cache in bench-out/paper (a rerun resumes), then one report over both.
