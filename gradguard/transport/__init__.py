@@ -1,7 +1,7 @@
 """Protected updates over gRPC: an aggregator server (rounds of FedAvg or a robust rule) and its client.
 
 Protocol: protos/gradguard/v1/aggregator.proto (package ``gradguard.v1``). Tensors travel as
-safetensors in chunks with a SHA-256 per payload; TLS (optionally mutual) plus a token per client.
+safetensors in chunks with a BLAKE3 digest per payload; TLS (optionally mutual) plus a token per client.
 Names are imported on first use, so that the server side (``gradguard serve``) never loads torch.
 """
 from __future__ import annotations

@@ -30,7 +30,7 @@ import torch
 from gradguard.transport._generated.v1 import aggregator_pb2 as pb
 from gradguard.transport._generated.v1 import aggregator_pb2_grpc as pb_grpc
 from gradguard.transport.auth import ClientTLS, call_metadata
-from gradguard.transport.codec import (CHUNK_BYTES, TensorPayload, decode_tensors, sha256_hex, submit_messages,
+from gradguard.transport.codec import (CHUNK_BYTES, TensorPayload, decode_tensors, digest_hex, submit_messages,
                                        update_header)
 from gradguard.transport.errors import OPEN_ROUND_KEY, TransportError
 from gradguard.transport.rounds import Ack, RoundStatus
@@ -183,7 +183,7 @@ class AggregatorClient:
             return first.header, b"".join(message.data for message in stream)
 
         header, payload = self._call("fetch_global", attempt)
-        if len(payload) != header.total_bytes or sha256_hex(payload) != header.sha256:
+        if len(payload) != header.total_bytes or digest_hex(payload) != header.digest:
             raise TransportError(grpc.StatusCode.DATA_LOSS,
                                  f"the global model of round {header.round} arrived corrupted "
                                  f"({len(payload)} of {header.total_bytes} bytes, or a wrong checksum); fetch again")
@@ -209,7 +209,7 @@ class AggregatorClient:
         response: pb.SubmitUpdateResponse = self._call("submit", lambda: self._submit_update(
             submit_messages(header, payload, chunk_bytes=self.chunk_bytes),
             metadata=self._metadata, timeout=self.timeout_s))
-        return Ack(round=response.round, sha256=response.sha256, duplicate=response.duplicate,
+        return Ack(round=response.round, digest=response.digest, duplicate=response.duplicate,
                    accepted_in_round=response.accepted_in_round)
 
     def status(self) -> RoundStatus:

@@ -1,4 +1,4 @@
-"""Tensors on the wire and on disk: safetensors bytes, SHA-256 checksums, chunked streams.
+"""Tensors on the wire and on disk: safetensors bytes, BLAKE3 checksums, chunked streams.
 
 Never pickle: safetensors holds only names, dtypes, shapes and raw little-endian data, so a
 hostile payload cannot run code on the aggregator. Messages stay under gRPC's default 4 MiB
@@ -7,7 +7,6 @@ limit because payloads travel in ``chunk_bytes`` pieces after a typed header.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -20,7 +19,7 @@ import torch
 
 from gradguard.leakage import LeakageEstimate
 from gradguard.transport._generated.v1 import aggregator_pb2 as pb
-from gradguard.transport.wire import (CHUNK_BYTES, canonical_order, data_message, header_bytes, read_ahead,
+from gradguard.transport.wire import (CHUNK_BYTES, canonical_order, data_message, header_bytes, new_digest, read_ahead,
                                       read_header, read_range)
 from gradguard.update import ProtectedUpdate
 
@@ -69,8 +68,8 @@ class TensorPayload:
             # numpy's stubs give ndarray __buffer__ only from Python 3.12; it is a buffer on every version.
             yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
-    def sha256(self) -> str:
-        digest = hashlib.sha256()
+    def digest(self) -> str:
+        digest = new_digest()
         for buffer in self.buffers():
             digest.update(buffer)
         return digest.hexdigest()
@@ -101,8 +100,8 @@ class TensorPayload:
         return b"".join(self.buffers())
 
     def write(self, path: Path) -> str:
-        """Write the payload to ``path``; returns its SHA-256, computed in the same pass."""
-        digest = hashlib.sha256()
+        """Write the payload to ``path``; returns its BLAKE3 digest, computed in the same pass."""
+        digest = new_digest()
         with open(path, "wb") as f:
             for buffer in self.buffers():
                 digest.update(buffer)
@@ -120,12 +119,12 @@ def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
     return safetensors.torch.load(data)
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def digest_hex(data: bytes) -> str:
+    return new_digest(data).hexdigest()
 
 
 def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
-    """Write ``tensors`` as a safetensors file; returns the file's SHA-256."""
+    """Write ``tensors`` as a safetensors file; returns the file's BLAKE3 digest."""
     return TensorPayload(tensors).write(path)
 
 
@@ -145,7 +144,7 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def update_header(update: ProtectedUpdate, payload: TensorPayload, *, client_id: str) -> pb.UpdateHeader:
-    """The header that precedes ``payload`` (the update's tensors) on the wire. Its ``sha256`` is
+    """The header that precedes ``payload`` (the update's tensors) on the wire. Its ``digest`` is
     left empty: the trailer carries the digest, computed while the payload streams."""
     header = pb.UpdateHeader(
         round=update.round, client_id=client_id, kind=update.kind, num_samples=update.num_samples,
@@ -170,18 +169,18 @@ def leakage_report(estimate: LeakageEstimate) -> pb.LeakageReport:
 def submit_messages(header: pb.UpdateHeader, payload: TensorPayload, *,
                     chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """The serialized SubmitUpdateRequests: the header, the payload in chunks, then the trailer
-    with the payload's SHA-256. A helper thread frames each chunk straight from the tensors'
+    with the payload's BLAKE3 digest. A helper thread frames each chunk straight from the tensors'
     memory (one copy) and hashes it while gRPC sends the chunks before it: gRPC asks for
     the next message only once the last one is sent, so making it then would stall the stream."""
     def messages() -> Iterator[bytes]:
         yield pb.SubmitUpdateRequest(header=header).SerializeToString()
-        digest = hashlib.sha256()
+        digest = new_digest()
         for parts in payload.chunk_parts(chunk_bytes):
             message = data_message(parts)
             for part in parts:  # just read by the copy: still in the cache
                 digest.update(part)
             yield message
-        yield pb.SubmitUpdateRequest(trailer=pb.UpdateTrailer(sha256=digest.hexdigest())).SerializeToString()
+        yield pb.SubmitUpdateRequest(trailer=pb.UpdateTrailer(digest=digest.hexdigest())).SerializeToString()
     return read_ahead(messages(), _READ_AHEAD_MESSAGES)
 
 

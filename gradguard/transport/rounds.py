@@ -11,7 +11,6 @@ the accepted files, block by block in float64, then swaps it in under the lock.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -31,8 +30,8 @@ from gradguard.transport.config import AggregatorConfig
 from gradguard.transport.errors import TransportError
 from gradguard.transport.store import AcceptedUpdate, PastUpdate, RoundState, StateStore
 from gradguard.transport.validation import ModelSpec, UpdateReceiver, check_header
-from gradguard.transport.wire import (FLOAT_CODES, ITEM_BYTES, PIECE_BYTES, HashingWriter, MalformedSafetensors,
-                                      Layout, file_sha256, from_float64, header_bytes, iter_ranges, max_abs,
+from gradguard.transport.wire import (FLOAT_CODES, ITEM_BYTES, PIECE_BYTES, HashingWriter, Layout, MalformedSafetensors,
+                                      file_digest, from_float64, header_bytes, iter_ranges, max_abs, new_digest,
                                       read_header, read_range, to_float64)
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ class Ack:
     """The server's receipt for an accepted update."""
 
     round: int
-    sha256: str
+    digest: str
     duplicate: bool  # True: this exact update had been accepted before; nothing changed
     accepted_in_round: int
 
@@ -61,13 +60,13 @@ class RoundStatus:
     submitted: bool
 
 
-def header_digest(header: pb.UpdateHeader, sha256: str) -> str:
-    """Digest of everything an update's header says, with the payload's ``sha256`` in it wherever
+def digest_of_header(header: pb.UpdateHeader, payload_digest: str) -> str:
+    """Digest of everything an update's header says, with ``payload_digest`` in it wherever
     the client sent that (header or trailer): a retry must repeat all of it."""
     complete = pb.UpdateHeader()
     complete.CopyFrom(header)
-    complete.sha256 = sha256
-    return hashlib.sha256(complete.SerializeToString(deterministic=True)).hexdigest()
+    complete.digest = payload_digest
+    return new_digest(complete.SerializeToString(deterministic=True)).hexdigest()
 
 
 class OnePerClient:
@@ -126,7 +125,7 @@ class RoundManager:
                 raise ValueError(f"{store.root} holds no aggregator state: give the initial global model")
             self.spec = ModelSpec(_layout_of(initial))
             name, sha = store.write_global(0, _file_blocks(initial))
-            self._state = RoundState(round=0, opened_at=time.time(), global_file=name, global_sha256=sha)
+            self._state = RoundState(round=0, opened_at=time.time(), global_file=name, global_digest=sha)
             store.save(self._state)
         self._open_global_file()
         store.prune(self._state)
@@ -134,7 +133,7 @@ class RoundManager:
 
     def _check_stored(self, initial_layout: Layout | None) -> ModelSpec:
         path = self._store.global_path(self._state)
-        if not path.exists() or file_sha256(path) != self._state.global_sha256:
+        if not path.exists() or file_digest(path) != self._state.global_digest:
             raise ValueError(f"{path} is missing or does not match its checksum in state.json; restore the "
                              "state directory from a backup or start from an empty one")
         spec = ModelSpec(_layout_of(path))
@@ -143,7 +142,7 @@ class RoundManager:
                              "or shapes); use another state directory, or pass the model it was started with")
         for client_id, record in self._state.accepted.items():
             update = self._store.update_path(self._state.round, client_id)
-            if not update.exists() or file_sha256(update) != record.sha256:
+            if not update.exists() or file_digest(update) != record.digest:
                 raise ValueError(f"accepted update {update} is missing or corrupted; restore the state directory")
         return spec
 
@@ -206,19 +205,19 @@ class RoundManager:
             return self._state.round
 
     def open_global(self, round_index: int | None) -> tuple[int, str, BinaryIO]:
-        """(round, sha256, open file) of the global model of the open round; the file stays
+        """(round, digest, open file) of the global model of the open round; the file stays
         readable even if the round closes (and the store deletes it) while it is streamed."""
         with self._cond:
             if round_index is not None and round_index != self._state.round:
                 raise self._wrong_round(round_index)
-            return self._state.round, self._state.global_sha256, open(self._store.global_path(self._state), "rb")
+            return self._state.round, self._state.global_digest, open(self._store.global_path(self._state), "rb")
 
     def submit(self, client_id: str, header: pb.UpdateHeader, chunks: Iterable[bytes | memoryview],
-               trailer_sha256: Callable[[], str | None] = lambda: None, *,
+               trailer_digest: Callable[[], str | None] = lambda: None, *,
                waiting: Callable[[], None] = lambda: None) -> Ack:
         """Receive, check and count one update; raises :class:`TransportError` and changes
-        nothing when any check fails. The payload's SHA-256 is the header's, or else what
-        ``trailer_sha256`` returns once ``chunks`` is exhausted. ``waiting`` is called every second
+        nothing when any check fails. The payload's BLAKE3 digest is the header's, or else what
+        ``trailer_digest`` returns once ``chunks`` is exhausted. ``waiting`` is called every second
         spent waiting for one of the ``max_concurrent_updates`` slots (the wait is the server's,
         not the client's)."""
         check_header(header, client_id=client_id, max_update_bytes=self._config.max_update_bytes,
@@ -227,14 +226,14 @@ class RoundManager:
                      max_metadata_bytes=self._config.max_metadata_bytes,
                      max_leakage_db=self._config.max_leakage_db)
         with self._cond:  # a digest in the trailer: only the wrong round is known before the bytes
-            known = self._known_update(client_id, header, header.sha256 or None)
+            known = self._known_update(client_id, header, header.digest or None)
         if known is not None:
             return known
         with self._uploads.hold(client_id):
             while not self._slots.acquire(timeout=1.0):
                 waiting()
             try:
-                return self._receive(client_id, header, chunks, trailer_sha256)
+                return self._receive(client_id, header, chunks, trailer_digest)
             finally:
                 self._slots.release()
 
@@ -253,43 +252,43 @@ class RoundManager:
                               f"round {asked} {when}; the open round is {current}: fetch its global model, train on "
                               f"it (guard.begin_round({current})) and submit for round {current}", open_round=current)
 
-    def _known_update(self, client_id: str, header: pb.UpdateHeader, sha256: str | None) -> Ack | None:
+    def _known_update(self, client_id: str, header: pb.UpdateHeader, digest: str | None) -> Ack | None:
         """The receipt of an update already accepted (a retry), None for a new one of the open
-        round or, while the payload's ``sha256`` is not known yet, for one that may be a retry;
+        round or, while the payload's ``digest`` is not known yet, for one that may be a retry;
         raises for anything else."""
         state = self._state
         past = state.past.get(client_id)
         if header.round == state.round and not self._finished():
             record = state.accepted.get(client_id)
-            if record is None or sha256 is None:
+            if record is None or digest is None:
                 return None
-            return self._retry_ack(client_id, record.sha256, record.header_sha256, header, sha256,
-                                   Ack(state.round, record.sha256, True, len(state.accepted)))
-        if past is not None and past.round == header.round and sha256 is None:
+            return self._retry_ack(client_id, record.digest, record.header_digest, header, digest,
+                                   Ack(state.round, record.digest, True, len(state.accepted)))
+        if past is not None and past.round == header.round and digest is None:
             return None  # perhaps a retry of the update accepted in that round: the bytes will tell
-        if past is not None and past.round == header.round and past.sha256 == sha256:
+        if past is not None and past.round == header.round and past.digest == digest:
             # A retry whose first acknowledgement was lost, arriving after its round closed.
-            return self._retry_ack(client_id, past.sha256, past.header_sha256, header, sha256,
-                                   Ack(past.round, past.sha256, True, past.accepted_in_round))
+            return self._retry_ack(client_id, past.digest, past.header_digest, header, digest,
+                                   Ack(past.round, past.digest, True, past.accepted_in_round))
         raise self._wrong_round(header.round)
 
-    def _retry_ack(self, client_id: str, accepted_sha256: str, accepted_digest: str, header: pb.UpdateHeader,
-                   sha256: str, ack: Ack) -> Ack:
-        if accepted_sha256 == sha256 and accepted_digest == header_digest(header, sha256):
+    def _retry_ack(self, client_id: str, accepted_payload: str, accepted_header: str, header: pb.UpdateHeader,
+                   payload_digest: str, ack: Ack) -> Ack:
+        if accepted_payload == payload_digest and accepted_header == digest_of_header(header, payload_digest):
             return ack
-        if accepted_sha256 == sha256:
+        if accepted_payload == payload_digest:
             raise TransportError(grpc.StatusCode.ALREADY_EXISTS,
                                  f"these bytes were accepted from client {client_id!r} in round {ack.round} with "
                                  "other metadata (num_samples, num_steps, ...); a retry must resend the same header, "
                                  "an accepted update is final")
         raise TransportError(grpc.StatusCode.ALREADY_EXISTS,
                              f"client {client_id!r} already has a different update accepted in round {ack.round} "
-                             f"(sha256 {accepted_sha256[:12]}...); an accepted update is final, "
+                             f"(digest {accepted_payload[:12]}...); an accepted update is final, "
                              "submit the next one for "
                              f"round {ack.round + 1}")
 
     def _receive(self, client_id: str, header: pb.UpdateHeader, chunks: Iterable[bytes | memoryview],
-                 trailer_sha256: Callable[[], str | None]) -> Ack:
+                 trailer_digest: Callable[[], str | None]) -> Ack:
         """Called without the lock: stream, check and flush the payload, then commit it."""
         with self._cond:
             global_path, global_header = self._store.global_path(self._state), self._global_header
@@ -304,18 +303,18 @@ class RoundManager:
                                           norm=self._config.max_update_norm is not None)
                 for chunk in chunks:
                     receiver.feed(chunk)
-                sha256, norm = receiver.finish(header.sha256 or trailer_sha256())
+                digest, norm = receiver.finish(header.digest or trailer_digest())
                 self._check_norm(norm)
                 if self._config.fsync:
                     writer.fsync()
             with self._cond:  # the round may have closed, or a twin call won, meanwhile
                 while self._closing:
                     self._cond.wait()
-                known = self._known_update(client_id, header, sha256)
+                known = self._known_update(client_id, header, digest)
                 if known is not None:
                     return known
-                record = AcceptedUpdate(sha256=sha256, num_samples=header.num_samples, num_steps=header.num_steps,
-                                        nbytes=header.total_bytes, header_sha256=header_digest(header, sha256),
+                record = AcceptedUpdate(digest=digest, num_samples=header.num_samples, num_steps=header.num_steps,
+                                        nbytes=header.total_bytes, header_digest=digest_of_header(header, digest),
                                         norm=norm)
                 return self._commit(client_id, record, part)
         finally:
@@ -341,7 +340,7 @@ class RoundManager:
         log.info("accepted the update of %s for round %d (%d samples, %d/%d updates)", client_id, round_index,
                  record.num_samples, len(state.accepted), len(state.joined))
         self._cond.notify_all()
-        return Ack(round_index, record.sha256, False, len(state.accepted))
+        return Ack(round_index, record.digest, False, len(state.accepted))
 
     def _seconds_to_deadline(self) -> float:
         if self._config.round_deadline_s is None:
@@ -409,10 +408,10 @@ class RoundManager:
             finally:
                 self._cond.acquire()
             current = self._state  # joins may have happened meanwhile; accepted is unchanged
-            past = {**current.past, **{c: PastUpdate(closing.round, r.sha256, r.header_sha256, len(closing.accepted))
+            past = {**current.past, **{c: PastUpdate(closing.round, r.digest, r.header_digest, len(closing.accepted))
                                        for c, r in closing.accepted.items()}}
             state = RoundState(round=closing.round + 1, opened_at=time.time(), global_file=name,
-                               global_sha256=sha, joined=list(current.joined), past=past)
+                               global_digest=sha, joined=list(current.joined), past=past)
             self._store.save(state)
         finally:
             self._closing = False

@@ -33,7 +33,7 @@ from gradguard.transport.config import AggregatorConfig
 from gradguard.transport.errors import OPEN_ROUND_KEY, TransportError
 from gradguard.transport.rounds import OnePerClient, RoundManager, RoundStatus
 from gradguard.transport.store import StateStore
-from gradguard.transport.validation import check_sha256
+from gradguard.transport.validation import check_digest
 from gradguard.transport.wire import MAX_MESSAGE_BYTES, data_view, read_ahead
 
 if TYPE_CHECKING:  # the server itself never imports torch
@@ -136,7 +136,7 @@ class _Watchdog:
 
 class _UpdateStream:
     """The data of a SubmitUpdate stream after its header, read ahead; once the data is read,
-    ``trailer_sha256`` holds the digest its trailer gave (None without a trailer).
+    ``trailer_digest`` holds the digest its trailer gave (None without a trailer).
 
     gRPC lets a client send little beyond the message the server has asked for (the stream
     window stays at 64 KiB so that queued streams hold little memory), so asking for the next
@@ -145,15 +145,15 @@ class _UpdateStream:
 
     _READ_AHEAD = 2  # chunks queued per upload: memory grows with the uploads in flight, not the clients
 
-    def __init__(self, requests: Iterator[SubmitRequest], watch: _Watch, *, header_sha256: bool) -> None:
+    def __init__(self, requests: Iterator[SubmitRequest], watch: _Watch, *, header_digest: bool) -> None:
         self._requests = requests
         self._watch = watch
-        self._header_sha256 = header_sha256
-        self.trailer_sha256: str | None = None
+        self._header_digest = header_digest
+        self.trailer_digest: str | None = None
 
     def __iter__(self) -> Iterator[bytes | memoryview]:
         for message in read_ahead(self._requests, self._READ_AHEAD, self._watch.touch):
-            if self.trailer_sha256 is not None:
+            if self.trailer_digest is not None:
                 raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
                                      "a SubmitUpdate message came after the UpdateTrailer; the trailer is the last")
             if isinstance(message, memoryview):
@@ -162,12 +162,12 @@ class _UpdateStream:
             kind = message.WhichOneof("payload")
             if kind == "data":
                 yield message.data
-            elif kind == "trailer" and not self._header_sha256:
-                self.trailer_sha256 = check_sha256(message.trailer.sha256, "the trailer's")
+            elif kind == "trailer" and not self._header_digest:
+                self.trailer_digest = check_digest(message.trailer.digest, "the trailer's")
             else:
                 raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
                                      "after the UpdateHeader a SubmitUpdate stream carries data, then one "
-                                     "UpdateTrailer when the header's sha256 is empty (and none when it is given)")
+                                     "UpdateTrailer when the header's digest is empty (and none when it is given)")
 
 
 def _submit_request(message: bytes) -> SubmitRequest:
@@ -245,13 +245,13 @@ class _Servicer(pb_grpc.AggregatorServicer):
                 client_id = self._client(context)
                 held.enter_context(self._fetches.hold(client_id))
                 watch = held.enter_context(self._stream(context, f"a fetch of client {client_id}"))
-                round_index, sha256, file = self._rounds.open_global(
+                round_index, digest, file = self._rounds.open_global(
                     request.round if request.HasField("round") else None)
             except Exception as err:
                 _abort(context, err)
             with file:
                 header = pb.GlobalModelHeader(round=round_index, total_bytes=os.fstat(file.fileno()).st_size,
-                                              sha256=sha256)
+                                              digest=digest)
                 yield pb.GlobalModelChunk(header=header)
                 while chunk := file.read(self._config.chunk_bytes):
                     watch.touch()  # the previous message was taken: the client reads
@@ -266,10 +266,10 @@ class _Servicer(pb_grpc.AggregatorServicer):
             if not isinstance(first, pb.SubmitUpdateRequest) or first.WhichOneof("payload") != "header":
                 raise TransportError(grpc.StatusCode.INVALID_ARGUMENT,
                                      "the first SubmitUpdate message must be the UpdateHeader")
-            stream = _UpdateStream(request_iterator, watch, header_sha256=bool(first.header.sha256))
-            ack = self._rounds.submit(client_id, first.header, stream, lambda: stream.trailer_sha256,
+            stream = _UpdateStream(request_iterator, watch, header_digest=bool(first.header.digest))
+            ack = self._rounds.submit(client_id, first.header, stream, lambda: stream.trailer_digest,
                                       waiting=watch.touch)
-        return pb.SubmitUpdateResponse(round=ack.round, sha256=ack.sha256, duplicate=ack.duplicate,
+        return pb.SubmitUpdateResponse(round=ack.round, digest=ack.digest, duplicate=ack.duplicate,
                                        accepted_in_round=ack.accepted_in_round)
 
     @_unary_response

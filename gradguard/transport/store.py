@@ -30,7 +30,7 @@ from gradguard.transport.wire import HashingWriter
 
 log = logging.getLogger(__name__)
 
-_FORMAT = 2
+_FORMAT = 3  # 3: BLAKE3 digests (2, gradguard 0.1: SHA-256)
 _PRIVATE_DIR, _PRIVATE_FILE = 0o700, 0o600
 
 
@@ -38,11 +38,11 @@ _PRIVATE_DIR, _PRIVATE_FILE = 0o700, 0o600
 class AcceptedUpdate:
     """What the aggregator keeps about an accepted update besides its tensors."""
 
-    sha256: str
+    digest: str
     num_samples: int
     num_steps: int
     nbytes: int
-    header_sha256: str  # digest of the whole UpdateHeader: a retry must match it, not only the bytes
+    header_digest: str  # digest of the whole UpdateHeader: a retry must match it, not only the bytes
     norm: float  # the update's L2 norm (0 when no norm bound was in force)
 
 
@@ -51,8 +51,8 @@ class PastUpdate:
     """A client's last update of a closed round, so that a late retry of it is recognised."""
 
     round: int
-    sha256: str
-    header_sha256: str
+    digest: str
+    header_digest: str
     accepted_in_round: int
 
 
@@ -61,7 +61,7 @@ class RoundState:
     round: int
     opened_at: float  # unix time; the round's deadline counts from here, across restarts
     global_file: str
-    global_sha256: str
+    global_digest: str
     joined: list[str] = field(default_factory=list)
     accepted: dict[str, AcceptedUpdate] = field(default_factory=dict)
     past: dict[str, PastUpdate] = field(default_factory=dict)
@@ -73,6 +73,10 @@ class RoundState:
     def from_json(cls, data: Any) -> "RoundState":
         """Parse ``state.json``; raises ValueError naming the first field that is not as written."""
         _expect(data, dict, "the top level")
+        if data.get("format") == 2:
+            raise ValueError("state format 2 holds the SHA-256 digests of gradguard 0.1, which this version no longer "
+                             "computes: finish its rounds with gradguard 0.1, or continue from its newest global model "
+                             "in a new state directory (gradguard serve --state-dir NEW_DIR --model GLOBAL_FILE)")
         if data.get("format") != _FORMAT:
             raise ValueError(f"state format {str(data.get('format'))[:20]!r} is not {_FORMAT}: this state directory "
                              "was written by another gradguard version")
@@ -81,7 +85,7 @@ class RoundState:
             round=_expect(data["round"], int, "round"), opened_at=float(_expect(data["opened_at"], (int, float),
                                                                                 "opened_at")),
             global_file=_expect(data["global_file"], str, "global_file"),
-            global_sha256=_expect(data["global_sha256"], str, "global_sha256"),
+            global_digest=_expect(data["global_digest"], str, "global_digest"),
             joined=[_expect(c, str, "joined[]") for c in _expect(data["joined"], list, "joined")],
             accepted={_expect(c, str, "accepted key"): _record(AcceptedUpdate, r, f"accepted[{c[:64]!r}]")
                       for c, r in _expect(data["accepted"], dict, "accepted").items()},
@@ -163,7 +167,7 @@ class StateStore:
         return f"global-{round_index:06d}.safetensors"
 
     def write_global(self, round_index: int, blocks: Iterable[bytes | memoryview]) -> tuple[str, str]:
-        """Write the global model of ``round_index`` from its bytes; returns (file name, sha256)."""
+        """Write the global model of ``round_index`` from its bytes; returns (file name, digest)."""
         def write(writer: HashingWriter) -> None:
             for block in blocks:
                 writer.write(block)
@@ -208,7 +212,7 @@ class StateStore:
             path.unlink(missing_ok=True)
 
     def write_atomic(self, path: Path, write: Callable[[HashingWriter], None]) -> str:
-        """Run ``write`` on a temporary file, then move it to ``path``; returns the file's SHA-256."""
+        """Run ``write`` on a temporary file, then move it to ``path``; returns the file's BLAKE3 digest."""
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with HashingWriter(tmp) as writer:

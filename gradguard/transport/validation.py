@@ -23,7 +23,7 @@ from gradguard.transport.wire import (FLOAT_CODES, FLOAT_MAX, ITEM_BYTES, Hashin
                                       MalformedSafetensors, SafetensorsHeader, TensorEntry, canonical_order,
                                       header_bytes, parse_header, read_range, to_float64)
 
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_DIGEST_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def _invalid(message: str) -> TransportError:
@@ -83,8 +83,8 @@ def check_header(header: pb.UpdateHeader, *, client_id: str, max_update_bytes: i
                              f"{max_update_bytes} bytes (AggregatorConfig.max_update_bytes)")
     if header.total_bytes <= 0:
         raise _invalid(f"total_bytes is {header.total_bytes}; the header must give the payload's length")
-    if header.sha256:  # empty: the UpdateTrailer carries it
-        check_sha256(header.sha256, "the header's")
+    if header.digest:  # empty: the UpdateTrailer carries it
+        check_digest(header.digest, "the header's")
     check_leakage(decode_leakage(header), max_leakage_db=max_leakage_db)
 
 
@@ -135,10 +135,10 @@ def check_leakage(estimate: LeakageEstimate | None, *, max_leakage_db: float | N
                              f"--max-leakage-db); fix: {retrain}")
 
 
-def check_sha256(value: str, where: str) -> str:
-    """``value`` if it is a hex SHA-256 digest; ``where`` names the field for the error."""
-    if not _SHA256_HEX.fullmatch(value):
-        raise _invalid(f"{where} sha256 is not 64 lowercase hex digits; send hashlib.sha256(payload).hexdigest()")
+def check_digest(value: str, where: str) -> str:
+    """``value`` if it is a hex BLAKE3 digest (32 bytes); ``where`` names the field for the error."""
+    if not _DIGEST_HEX.fullmatch(value):
+        raise _invalid(f"{where} digest is not 64 lowercase hex digits; send blake3.blake3(payload).hexdigest()")
     return value
 
 
@@ -217,21 +217,22 @@ class UpdateReceiver:
         else:
             self._consume(memoryview(chunk))
 
-    def finish(self, sha256: str | None) -> tuple[str, float]:
-        """Checks once the stream ended against the client's ``sha256`` (None: it sent none);
-        returns the payload's SHA-256 and the update's L2 norm (0 unless ``norm`` was asked for)."""
+    def finish(self, claimed: str | None) -> tuple[str, float]:
+        """Checks once the stream ended against the client's ``claimed`` digest (None: it sent none);
+        returns the payload's BLAKE3 digest and the update's L2 norm (0 unless ``norm`` was asked for)."""
         received = self._writer.written
         if received < self._total:
             raise _invalid(f"the stream ended after {received} of the {self._total} bytes the header announced; "
                            "send the whole payload")
-        if sha256 is None:
-            raise _invalid("the update carries no SHA-256: the header's sha256 is empty and no UpdateTrailer "
+        if claimed is None:
+            raise _invalid("the update carries no digest: the header's digest is empty and no UpdateTrailer "
                            "followed the data; send the digest in one of them (AggregatorClient sends the trailer)")
         digest = self._writer.hexdigest()
-        if digest != sha256:
+        if digest != claimed:
             raise TransportError(grpc.StatusCode.DATA_LOSS,
-                                 f"the payload's SHA-256 is {digest[:12]}..., the header says {sha256[:12]}...: "
-                                 "the bytes changed in transit or the header is wrong")
+                                 f"the payload's BLAKE3 digest is {digest[:12]}..., the client says {claimed[:12]}...: "
+                                 "the bytes changed in transit, or the client is gradguard 0.1, which sends SHA-256 "
+                                 "digests: upgrade it")
         scale, ssq = self._norm
         return digest, scale * float(np.sqrt(ssq))
 

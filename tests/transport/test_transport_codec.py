@@ -6,6 +6,7 @@ import os
 import threading
 from pathlib import Path
 
+import blake3
 import pytest
 import safetensors
 import safetensors.torch
@@ -18,7 +19,7 @@ from gradguard.transport import wire
 from gradguard.transport._generated.v1 import aggregator_pb2 as pb
 from gradguard.transport.server import _submit_request
 from gradguard.transport.wire import (FLUSH_BEHIND_BYTES, BackgroundDigest, HashingWriter, MalformedSafetensors,
-                                      data_message, data_view, file_sha256, from_float64, read_ahead, read_header,
+                                      data_message, data_view, file_digest, from_float64, read_ahead, read_header,
                                       to_float64)
 from gradguard.update import ProtectedUpdate
 
@@ -73,8 +74,8 @@ def test_payload_chunks_checksum_and_file_agree_with_its_bytes(tmp_path):
     chunks = list(payload.chunks(1000))
     assert all(len(c) == 1000 for c in chunks[:-1]) and 0 < len(chunks[-1]) <= 1000
     assert b"".join(chunks) == data
-    assert payload.write(tmp_path / "p.safetensors") == payload.sha256() == hashlib.sha256(data).hexdigest()
-    assert file_sha256(tmp_path / "p.safetensors") == payload.sha256()
+    assert payload.write(tmp_path / "p.safetensors") == payload.digest() == blake3.blake3(data).hexdigest()
+    assert file_digest(tmp_path / "p.safetensors") == payload.digest()
 
 
 def test_the_numpy_reader_agrees_with_safetensors_on_layout_and_values(tmp_path):
@@ -122,7 +123,7 @@ def test_a_file_flushed_behind_its_writer_holds_what_was_written(tmp_path, monke
             writer.write(block)
         assert flushed.wait(30), "the file is flushed while it is written"
         writer.fsync()
-        assert writer.hexdigest() == file_sha256(tmp_path / "u.part")
+        assert writer.hexdigest() == file_digest(tmp_path / "u.part")
     assert (tmp_path / "u.part").stat().st_size == writer.written and not _flushers()
 
 
@@ -157,7 +158,7 @@ def test_every_message_but_a_bare_data_chunk_is_left_to_protobuf():
     bare = data_message([data])
     unknown_field = bare + b"\x78\x01"  # field 15 = 1: protobuf keeps the data and skips the field
     others = [b"", pb.SubmitUpdateRequest(header=pb.UpdateHeader(round=3)).SerializeToString(),
-              pb.SubmitUpdateRequest(trailer=pb.UpdateTrailer(sha256="a" * 64)).SerializeToString(),
+              pb.SubmitUpdateRequest(trailer=pb.UpdateTrailer(digest="a" * 64)).SerializeToString(),
               unknown_field, bare[:-1], bare + bare, b"\x12" + b"\xff" * 11]
     assert all(data_view(message) is None for message in others)
     assert _submit_request(unknown_field).data == data
@@ -171,12 +172,12 @@ def test_a_digest_computed_behind_its_caller_is_the_digest_of_everything_in_orde
     digest.update(*blocks[:2])
     for block in blocks[2:]:
         digest.update(memoryview(block))
-    assert digest.hexdigest() == hashlib.sha256(b"".join(blocks)).hexdigest()
+    assert digest.hexdigest() == blake3.blake3(b"".join(blocks)).hexdigest()
     digest.close()
     with HashingWriter(tmp_path / "u.part", hash_behind=True) as writer:
         for block in blocks:
             writer.write(block)
-        assert writer.hexdigest() == file_sha256(tmp_path / "u.part") == digest.hexdigest()
+        assert writer.hexdigest() == file_digest(tmp_path / "u.part") == digest.hexdigest()
     assert not [t for t in threading.enumerate() if t.name.startswith("gradguard-hash")]
 
 
@@ -186,7 +187,7 @@ def test_the_submitted_messages_carry_the_payload_and_its_digest():
                                                                              chunk_bytes=7)]
     assert messages[0].header.round == 2
     assert b"".join(m.data for m in messages[1:-1]) == payload.to_bytes()
-    assert messages[-1].trailer.sha256 == payload.sha256()
+    assert messages[-1].trailer.digest == payload.digest()
 
 
 def test_items_read_ahead_come_in_order_and_a_failure_reaches_the_consumer():

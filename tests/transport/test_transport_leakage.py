@@ -6,7 +6,7 @@ aggregate is FedAvg of that update alone.
 """
 from __future__ import annotations
 
-import hashlib
+import blake3
 import math
 from dataclasses import fields, replace
 
@@ -93,7 +93,7 @@ def _raw_submit(server, tokens, change):
     update = _update(ESTIMATE)
     payload = TensorPayload(update.tensors)
     header, data = update_header(update, payload, client_id="c1"), payload.to_bytes()
-    header.sha256 = hashlib.sha256(data).hexdigest()
+    header.digest = blake3.blake3(data).hexdigest()
     change(header.leakage)
     return raw_submit(server.address, "c1", tokens["c1"], header, data)
 

@@ -42,13 +42,25 @@ def test_rounds_without_state_json_are_refused_with_the_way_to_recover(tmp_path,
 
 @pytest.mark.parametrize("content", [
     b"[]", b'"accepted"', b"null", b"{}", b"\xff\xfe not utf-8", b"[" * 100000,
-    b'{"format": 2, "round": 0, "accepted": []}',
+    b'{"format": 3, "round": 0, "accepted": []}',
 ])
 def test_a_malformed_state_json_of_any_shape_is_a_clean_refusal(content, tmp_path, start_server, connect):
     _trained_state_dir(tmp_path, start_server, connect)
     (tmp_path / "state" / "state.json").write_bytes(content)
     kept = state_dir_snapshot(tmp_path / "state")
     with pytest.raises(ValueError, match="state.json is unreadable"):
+        AggregatorServer(STATE, state_dir=tmp_path / "state", clients={"c1": "t" * 16})
+    assert state_dir_snapshot(tmp_path / "state") == kept
+
+
+def test_a_state_directory_of_gradguard_0_1_is_refused_with_the_way_forward(tmp_path, start_server, connect):
+    # gradguard 0.1 wrote SHA-256 digests (format 2); they cannot match the BLAKE3 digests of
+    # its updates' retries or of its files, so the server says what to do instead of failing later.
+    _trained_state_dir(tmp_path, start_server, connect)
+    path = tmp_path / "state" / "state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format": 2}))
+    kept = state_dir_snapshot(tmp_path / "state")
+    with pytest.raises(ValueError, match="SHA-256 digests of gradguard 0.1.*--state-dir NEW_DIR --model"):
         AggregatorServer(STATE, state_dir=tmp_path / "state", clients={"c1": "t" * 16})
     assert state_dir_snapshot(tmp_path / "state") == kept
 

@@ -6,7 +6,7 @@ exactly FedAvg of that good update alone, so nothing of the bad one reached the 
 """
 from __future__ import annotations
 
-import hashlib
+import blake3
 import json
 from dataclasses import replace
 
@@ -37,7 +37,7 @@ def _send(server, tokens, tensors=None, *, payload=None, client_id="c1", token=N
         payload = encode_tensors(update.tensors)
     # The digest in the header, as clients before the UpdateTrailer send it (raw bytes get an
     # otherwise honest header).
-    header.total_bytes, header.sha256 = len(payload), hashlib.sha256(payload).hexdigest()
+    header.total_bytes, header.digest = len(payload), blake3.blake3(payload).hexdigest()
     for name, value in header_fields.items():
         if name == "metadata":
             header.metadata.update(value)
@@ -46,22 +46,22 @@ def _send(server, tokens, tensors=None, *, payload=None, client_id="c1", token=N
     return raw_submit(server.address, client_id, token or tokens[client_id], header, payload)
 
 
-def _send_with_trailer(server, tokens, *tail, header_sha256=""):
+def _send_with_trailer(server, tokens, *tail, header_digest=""):
     """Submit the good update as clients do (its digest in a trailer), then ``tail`` messages
     (the trailers, or whatever follows the data) in place of the honest trailer."""
     update = make_update(STATE, seed=1, num_samples=2)
     payload = TensorPayload(update.tensors)
     header = update_header(update, payload, client_id="c1")
-    header.sha256 = header_sha256
+    header.digest = header_digest
     messages = [pb.SubmitUpdateRequest(header=header)] + [pb.SubmitUpdateRequest(data=c) for c in payload.chunks()]
     return _stub_submit(server, messages + list(tail), metadata=call_metadata("c1", tokens["c1"]))
 
 
-def _trailer(sha256):
-    return pb.SubmitUpdateRequest(trailer=pb.UpdateTrailer(sha256=sha256))
+def _trailer(digest):
+    return pb.SubmitUpdateRequest(trailer=pb.UpdateTrailer(digest=digest))
 
 
-_GOOD_SHA256 = hashlib.sha256(encode_tensors(make_update(STATE, seed=1, num_samples=2).tensors)).hexdigest()
+_GOOD_DIGEST = blake3.blake3(encode_tensors(make_update(STATE, seed=1, num_samples=2).tensors)).hexdigest()
 
 
 def _stub_submit(server, messages, *, metadata):
@@ -128,8 +128,8 @@ CASES = {
                  grpc.StatusCode.RESOURCE_EXHAUSTED, f"over this server's limit of {LIMIT} bytes"),
     "longer_than_declared": (lambda s, t: _send(s, t, total_bytes=SIZE - 100),
                              grpc.StatusCode.INVALID_ARGUMENT, "longer than the header's total_bytes"),
-    "checksum_mismatch": (lambda s, t: _send(s, t, sha256="0" * 64),
-                          grpc.StatusCode.DATA_LOSS, "the payload's SHA-256 is"),
+    "checksum_mismatch": (lambda s, t: _send(s, t, digest="0" * 64),
+                          grpc.StatusCode.DATA_LOSS, "the payload's BLAKE3 digest is"),
     "future_round": (lambda s, t: _send(s, t, round=1),
                      grpc.StatusCode.FAILED_PRECONDITION, "round 1 has not opened; the open round is 0"),
     "past_round": (lambda s, t: _send(s, t, round=-1),
@@ -153,18 +153,18 @@ CASES = {
     "overlapping_offsets": (lambda s, t: _send(s, t, payload=_overlapping()),
                             grpc.StatusCode.INVALID_ARGUMENT, "without gaps or overlaps"),
     "trailer_checksum_mismatch": (lambda s, t: _send_with_trailer(s, t, _trailer("0" * 64)),
-                                  grpc.StatusCode.DATA_LOSS, "the payload's SHA-256 is"),
+                                  grpc.StatusCode.DATA_LOSS, "the payload's BLAKE3 digest is"),
     "no_checksum_anywhere": (lambda s, t: _send_with_trailer(s, t),
-                             grpc.StatusCode.INVALID_ARGUMENT, "the update carries no SHA-256"),
+                             grpc.StatusCode.INVALID_ARGUMENT, "the update carries no digest"),
     "malformed_trailer": (lambda s, t: _send_with_trailer(s, t, _trailer("not hex")),
-                          grpc.StatusCode.INVALID_ARGUMENT, "the trailer's sha256 is not 64 lowercase hex digits"),
-    "data_after_trailer": (lambda s, t: _send_with_trailer(s, t, _trailer(_GOOD_SHA256),
+                          grpc.StatusCode.INVALID_ARGUMENT, "the trailer's digest is not 64 lowercase hex digits"),
+    "data_after_trailer": (lambda s, t: _send_with_trailer(s, t, _trailer(_GOOD_DIGEST),
                                                           pb.SubmitUpdateRequest(data=b"x")),
                            grpc.StatusCode.INVALID_ARGUMENT, "came after the UpdateTrailer"),
-    "two_trailers": (lambda s, t: _send_with_trailer(s, t, _trailer(_GOOD_SHA256), _trailer(_GOOD_SHA256)),
+    "two_trailers": (lambda s, t: _send_with_trailer(s, t, _trailer(_GOOD_DIGEST), _trailer(_GOOD_DIGEST)),
                      grpc.StatusCode.INVALID_ARGUMENT, "came after the UpdateTrailer"),
-    "trailer_and_header_checksum": (lambda s, t: _send_with_trailer(s, t, _trailer(_GOOD_SHA256),
-                                                                   header_sha256=_GOOD_SHA256),
+    "trailer_and_header_checksum": (lambda s, t: _send_with_trailer(s, t, _trailer(_GOOD_DIGEST),
+                                                                   header_digest=_GOOD_DIGEST),
                                     grpc.StatusCode.INVALID_ARGUMENT, "and none when it is given"),
     "second_header": (lambda s, t: _send_with_trailer(s, t, pb.SubmitUpdateRequest(header=pb.UpdateHeader())),
                       grpc.StatusCode.INVALID_ARGUMENT, "after the UpdateHeader a SubmitUpdate stream carries data"),
@@ -204,7 +204,7 @@ def test_identical_resubmission_is_idempotent(start_server, connect, tokens, tmp
     before = state_dir_snapshot(tmp_path / "state")
     again = client.submit(update)
     assert (first.duplicate, again.duplicate) == (False, True)
-    assert again.sha256 == first.sha256 and again.accepted_in_round == 1
+    assert again.digest == first.digest and again.accepted_in_round == 1
     assert state_dir_snapshot(tmp_path / "state") == before
     other = make_update(STATE, seed=2, num_samples=1)
     connect(server, "c2").submit(other)
@@ -257,7 +257,7 @@ def test_a_retry_after_the_round_closed_is_a_duplicate_not_a_refusal(start_serve
     server.wait_for_round(1, timeout_s=10)
     before = state_dir_snapshot(tmp_path / "state")
     again = client.submit(update)
-    assert again.duplicate and (again.round, again.sha256, again.accepted_in_round) == (0, first.sha256, 1)
+    assert again.duplicate and (again.round, again.digest, again.accepted_in_round) == (0, first.digest, 1)
     assert state_dir_snapshot(tmp_path / "state") == before
     with pytest.raises(TransportError) as other_weight:
         client.submit(replace(update, num_samples=400))
@@ -295,7 +295,7 @@ def test_a_digest_in_the_header_or_in_the_trailer_is_the_same_update(start_serve
     first = _send(server, tokens)  # the digest in the header
     before = state_dir_snapshot(tmp_path / "state")
     again = connect(server, "c1").submit(make_update(STATE, seed=1, num_samples=2))  # in the trailer
-    assert (first.duplicate, again.duplicate) == (False, True) and again.sha256 == first.sha256
+    assert (first.duplicate, again.duplicate) == (False, True) and again.digest == first.digest
     assert state_dir_snapshot(tmp_path / "state") == before
     with pytest.raises(grpc.RpcError) as other_weight:
         _send(server, tokens, num_samples=3)

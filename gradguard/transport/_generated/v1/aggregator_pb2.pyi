@@ -42,14 +42,14 @@ class FetchGlobalRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class GlobalModelHeader(_message.Message):
-    __slots__ = ("round", "total_bytes", "sha256")
+    __slots__ = ("round", "total_bytes", "digest")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     round: int
     total_bytes: int
-    sha256: str
-    def __init__(self, round: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    digest: str
+    def __init__(self, round: _Optional[int] = ..., total_bytes: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class GlobalModelChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -60,7 +60,7 @@ class GlobalModelChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[GlobalModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "client_id", "kind", "num_samples", "num_steps", "batch_size", "learning_rate", "epsilon", "delta", "metadata", "total_bytes", "sha256", "leakage")
+    __slots__ = ("round", "client_id", "kind", "num_samples", "num_steps", "batch_size", "learning_rate", "epsilon", "delta", "metadata", "total_bytes", "digest", "leakage")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,7 +79,7 @@ class UpdateHeader(_message.Message):
     DELTA_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     LEAKAGE_FIELD_NUMBER: _ClassVar[int]
     round: int
     client_id: str
@@ -92,9 +92,9 @@ class UpdateHeader(_message.Message):
     delta: float
     metadata: _containers.ScalarMap[str, str]
     total_bytes: int
-    sha256: str
+    digest: str
     leakage: LeakageReport
-    def __init__(self, round: _Optional[int] = ..., client_id: _Optional[str] = ..., kind: _Optional[str] = ..., num_samples: _Optional[int] = ..., num_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., leakage: _Optional[_Union[LeakageReport, _Mapping]] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., client_id: _Optional[str] = ..., kind: _Optional[str] = ..., num_samples: _Optional[int] = ..., num_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., total_bytes: _Optional[int] = ..., digest: _Optional[str] = ..., leakage: _Optional[_Union[LeakageReport, _Mapping]] = ...) -> None: ...
 
 class LeakageReport(_message.Message):
     __slots__ = ("threat", "estimators", "target_db", "psnr_above_prior_max", "psnr_above_prior_mean", "ssim_above_prior_max", "ssim_above_prior_mean", "amplitude_max", "amplitude_mean", "samples", "noised_samples", "met")
@@ -125,10 +125,10 @@ class LeakageReport(_message.Message):
     def __init__(self, threat: _Optional[str] = ..., estimators: _Optional[_Iterable[str]] = ..., target_db: _Optional[float] = ..., psnr_above_prior_max: _Optional[float] = ..., psnr_above_prior_mean: _Optional[float] = ..., ssim_above_prior_max: _Optional[float] = ..., ssim_above_prior_mean: _Optional[float] = ..., amplitude_max: _Optional[float] = ..., amplitude_mean: _Optional[float] = ..., samples: _Optional[int] = ..., noised_samples: _Optional[int] = ..., met: bool = ...) -> None: ...
 
 class UpdateTrailer(_message.Message):
-    __slots__ = ("sha256",)
-    SHA256_FIELD_NUMBER: _ClassVar[int]
-    sha256: str
-    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+    __slots__ = ("digest",)
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    def __init__(self, digest: _Optional[str] = ...) -> None: ...
 
 class SubmitUpdateRequest(_message.Message):
     __slots__ = ("header", "data", "trailer")
@@ -141,16 +141,16 @@ class SubmitUpdateRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., trailer: _Optional[_Union[UpdateTrailer, _Mapping]] = ...) -> None: ...
 
 class SubmitUpdateResponse(_message.Message):
-    __slots__ = ("round", "sha256", "duplicate", "accepted_in_round")
+    __slots__ = ("round", "digest", "duplicate", "accepted_in_round")
     ROUND_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_IN_ROUND_FIELD_NUMBER: _ClassVar[int]
     round: int
-    sha256: str
+    digest: str
     duplicate: bool
     accepted_in_round: int
-    def __init__(self, round: _Optional[int] = ..., sha256: _Optional[str] = ..., duplicate: bool = ..., accepted_in_round: _Optional[int] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., digest: _Optional[str] = ..., duplicate: bool = ..., accepted_in_round: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
