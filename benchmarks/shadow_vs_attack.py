@@ -63,6 +63,7 @@ def main() -> None:
     attacker = GradGuard(GuardConfig.preset("attack_targeted", relevance_method="none", seed=args.seed))
     attacker.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0))
     maps["gradient_attack"] = _maps(attacker, targets, labels[:args.images])
+    attacker.cleanup()  # unwrapped, or every forward of the attack below would noise its input and make a map
 
     attack = build_attack("inverting_gradients", iterations=args.iterations, restarts=1, progress=False,
                           seed=args.seed)
