@@ -27,7 +27,7 @@ CombineRule = Literal["product", "subtract"]
 RelevanceClass = Literal["label", "predicted"]
 Normalization = Literal["rms", "peak"]
 Accountant = Literal["rdp", "prv", "gdp"]
-BatchNormStatistics = Literal["noised", "clean"]
+BatchNormStatistics = Literal["noised", "clean", "local"]
 OnTargetMissed = Literal["flag", "raise"]
 
 Checks = dict[str, tuple[bool, str]]
@@ -337,7 +337,11 @@ class GuardConfig:
         they tell an attacker no more than the rest of the update. "clean" updates them from an extra
         no-grad forward of the clean batch instead, so the global model's statistics match the clean
         images it is used on; but the shared delta then carries momentum x the clean batch's
-        per-channel means and variances exactly, a channel the noise does not cover.
+        per-channel means and variances exactly, a channel the noise does not cover. "local" trains as
+        "noised", but a delta whose round noised any input shares no running statistic (their delta is
+        zero, FedBN's rule for that round), so the global model's statistics come only from rounds
+        shared without noise, whose inputs are what the rest of the update reveals anyway; under a
+        fixed noise rule every round is noised and the global model keeps its first statistics.
     update_kind: what ``protected_update()`` returns: the weight "delta" of the round (FedAvg), or the
         "gradient" at the weights the round started from (FedSGD: one local step per round).
     seed: seeds the noise and the shadow. None (the default) draws a secret seed per guard: whoever knows

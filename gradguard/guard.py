@@ -92,6 +92,7 @@ class _RoundState:
     plans: dict[str, _SamplePlan] = field(default_factory=dict)  # calibrated noise, per sample id
     probe: tuple[float, float] | None = None  # honest server: the round's fraction of the bound's noise, its estimate
     mixed: int = 0  # the images the probe took the round's update to mix
+    noised: bool = False  # some input of the round was trained on with noise
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,13 @@ def _strip_hooks(model: nn.Module) -> nn.Module:
     finally:
         for m, name, hooks in saved:
             setattr(m, name, hooks)
+
+
+def _running_statistics(model: nn.Module) -> list[str]:
+    """State-dict names of the BatchNorm running means and variances of ``model``."""
+    return [f"{name}.{buffer}" if name else buffer for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+            for buffer in ("running_mean", "running_var")]
 
 
 def _checked_device(device: str | torch.device | None) -> torch.device | None:
@@ -646,6 +654,9 @@ class GradGuard:
             warnings.warn(f"{problem}: the update is flagged (update.leakage.met is False)", GradGuardWarning,
                           stacklevel=2)
         tensors = weight_delta(state.global_weights, model) if cfg.update_kind == "delta" else (state.gradient or {})
+        if cfg.bn_statistics == "local" and cfg.update_kind == "delta" and state.noised:
+            for name in _running_statistics(model):
+                tensors[name] = torch.zeros_like(tensors[name])
         update = ProtectedUpdate(
             tensors=tensors, kind=cfg.update_kind, num_samples=len(state.seen), num_steps=state.steps,
             round=self.round, client_id=self.client_id, batch_size=state.batch_size,
@@ -851,6 +862,7 @@ class GradGuard:
             noised = self._calibrated(images, ids, labels, call)
         else:
             noised = self._masked(images, ids, labels, call)
+        state.noised = state.noised or not torch.equal(noised, images)
         if self._batchnorms and self.config.bn_statistics == "clean":
             self._clean_batchnorm_statistics(module, args, kwargs)
         return call.with_images(noised)

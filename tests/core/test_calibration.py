@@ -275,3 +275,30 @@ def test_a_delta_that_mixes_fewer_images_than_its_probe_assumed_is_flagged(chest
     with pytest.warns(GradGuardWarning, match=r"mix 8 images \(wrap's dataset_size=8\), but the round trained on 4"):
         update = _delta_round(guard, model, images[:4], labels[:4], batch=4, dataset_size=8, round=1)
     assert not update.leakage.met
+
+
+@pytest.mark.parametrize("noised", [True, False])
+def test_local_batchnorm_statistics_stay_on_the_client_exactly_when_the_round_was_noised(chest_batch, noised):
+    # The bound noises every image; the probe finds nothing under a 20 dB target (as in the no-leak test
+    # above), so that round is shared clean, and its statistics are the clean batch's, which the rest
+    # of a clean update reveals anyway.
+    images, labels = chest_batch
+    torch.manual_seed(0)
+    model = SmallCNN(1, 2, width=8, norm="batch")
+    bn = model.features[1]
+    momentum, start = bn.momentum, bn.running_mean.clone()
+    with torch.no_grad():
+        clean_mean = model.features[0](images).mean(dim=(0, 2, 3))
+    config = (GuardConfig(threat="malicious_server", bn_statistics="local", seed=0) if noised else
+              GuardConfig(leakage_target_db=20.0, probe_steps=20, bn_statistics="local", seed=0))
+    update = fedsgd(GradGuard(config), model, images, labels)
+    assert (update.leakage.noised_samples > 0) == noised
+    names = [n for n in update.tensors if n.endswith(("running_mean", "running_var"))]
+    assert len(names) == 6 and "features.1.running_mean" in names
+    if noised:
+        assert all(torch.count_nonzero(update.tensors[n]) == 0 for n in names)
+        assert bn.running_mean.ne(start).any()  # the client's own model keeps what it trained
+    else:
+        torch.testing.assert_close(start + update.tensors["features.1.running_mean"],
+                                   start + momentum * (clean_mean - start))
+    assert update.tensors["features.0.weight"].abs().max() > 0
