@@ -7,7 +7,7 @@ EXTRAS ?= dev,eval,flower
 SHARED ?= $(abspath ../shared)
 export GRADGUARD_SHARED ?= $(SHARED)
 
-.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-leakage bench-leakage-full bench-calibrated bench-bound-tightness bench-calibration-cost bench-probe-mix bench-paper bench-paper-seeds bench-mid-clients proto clean
+.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-leakage bench-leakage-full bench-calibrated bench-calibrated-bn bench-bound-tightness bench-calibration-cost bench-probe-mix bench-paper bench-paper-seeds bench-mid-clients proto clean
 
 venv: $(STAMP)
 
@@ -64,6 +64,14 @@ bench-calibrated: $(STAMP)
 		--datasets pneumoniamnist --out bench-out/calibrated --report-dir benchmarks/results/calibrated/pneumoniamnist & \
 	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/calibrated.toml --no-progress $(BENCH_ARGS) \
 		--datasets retinamnist --out bench-out/calibrated --report-dir benchmarks/results/calibrated/retinamnist & \
+	wait
+
+# Where the calibrated default's BatchNorm statistics come from (benchmarks/results/calibrated-bn).
+bench-calibrated-bn: $(STAMP)
+	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/calibrated-bn.toml --no-progress $(BENCH_ARGS) \
+		--datasets pneumoniamnist --out bench-out/calibrated --report-dir benchmarks/results/calibrated-bn/pneumoniamnist & \
+	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/calibrated-bn.toml --no-progress $(BENCH_ARGS) \
+		--datasets retinamnist --out bench-out/calibrated --report-dir benchmarks/results/calibrated-bn/retinamnist & \
 	wait
 
 bench-bound-tightness: $(STAMP)
