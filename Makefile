@@ -57,22 +57,20 @@ bench-leakage: $(STAMP)
 bench-leakage-full: $(STAMP)
 	$(call leakage,leakage-full)
 
+# One federation experiment per dataset side by side, sharing the cache of bench-out/calibrated:
+# $(call calibrated,EXPERIMENT) reports to benchmarks/results/EXPERIMENT/<dataset>.
+calibrated = $(foreach ds,pneumoniamnist retinamnist,$(PY) -m gradguard.cli bench \
+	--experiment benchmarks/experiments/$(1).toml --no-progress $(BENCH_ARGS) --datasets $(ds) \
+	--out bench-out/calibrated --report-dir benchmarks/results/$(1)/$(ds) &) wait
+
 # The calibrated default's utility over the federation benchmark's protocol (5 seeds per dataset,
 # benchmarks/results/calibrated/<dataset>), which the leakage benchmark reads: run it first.
 bench-calibrated: $(STAMP)
-	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/calibrated.toml --no-progress $(BENCH_ARGS) \
-		--datasets pneumoniamnist --out bench-out/calibrated --report-dir benchmarks/results/calibrated/pneumoniamnist & \
-	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/calibrated.toml --no-progress $(BENCH_ARGS) \
-		--datasets retinamnist --out bench-out/calibrated --report-dir benchmarks/results/calibrated/retinamnist & \
-	wait
+	$(call calibrated,calibrated)
 
 # Where the calibrated default's BatchNorm statistics come from (benchmarks/results/calibrated-bn).
 bench-calibrated-bn: $(STAMP)
-	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/calibrated-bn.toml --no-progress $(BENCH_ARGS) \
-		--datasets pneumoniamnist --out bench-out/calibrated --report-dir benchmarks/results/calibrated-bn/pneumoniamnist & \
-	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/calibrated-bn.toml --no-progress $(BENCH_ARGS) \
-		--datasets retinamnist --out bench-out/calibrated --report-dir benchmarks/results/calibrated-bn/retinamnist & \
-	wait
+	$(call calibrated,calibrated-bn)
 
 bench-bound-tightness: $(STAMP)
 	$(PY) benchmarks/bound_tightness.py

@@ -92,7 +92,6 @@ class _RoundState:
     plans: dict[str, _SamplePlan] = field(default_factory=dict)  # calibrated noise, per sample id
     probe: tuple[float, float] | None = None  # honest server: the round's fraction of the bound's noise, its estimate
     mixed: int = 0  # the images the probe took the round's update to mix
-    noised: bool = False  # some input of the round was trained on with noise
 
 
 @dataclass(frozen=True)
@@ -239,13 +238,6 @@ def _strip_hooks(model: nn.Module) -> nn.Module:
             setattr(m, name, hooks)
 
 
-def _running_statistics(model: nn.Module) -> list[str]:
-    """State-dict names of the BatchNorm running means and variances of ``model``."""
-    return [f"{name}.{buffer}" if name else buffer for name, module in model.named_modules()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
-            for buffer in ("running_mean", "running_var")]
-
-
 def _checked_device(device: str | torch.device | None) -> torch.device | None:
     if device is None:
         return None
@@ -313,7 +305,7 @@ class GradGuard:
         self._pending_ids: list[str] | None = None
         self._pending_labels: torch.Tensor | None = None
         self._batch: tuple[torch.Tensor, torch.Tensor | None] | None = None  # clean images, features
-        self._batchnorms: list[nn.modules.batchnorm._BatchNorm] = []
+        self._batchnorms: dict[str, nn.modules.batchnorm._BatchNorm] = {}  # by module name
         self._frozen_bn: list[tuple[float | None, torch.Tensor | None]] = []  # restored after the forward
         self._clean_pass = False
         self._prior: torch.Tensor | None = None  # set_prior's image
@@ -491,8 +483,8 @@ class GradGuard:
                               self._dp.module.register_forward_hook(lambda *_: self._set_dp_forward(False))]
             train = (self._dp.module, self._dp.optimizer, self._dp.data_loader)
         self._handles.append(model.register_forward_pre_hook(self._protect, with_kwargs=True))
-        self._batchnorms = [m for m in model.modules()
-                            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self._batchnorms = {name: m for name, m in model.named_modules()
+                            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
         if self._batchnorms and cfg.bn_statistics == "clean":
             self._handles.append(model.register_forward_hook(self._restore_batchnorm))
         if cfg.shadow.kind != "none":
@@ -654,9 +646,11 @@ class GradGuard:
             warnings.warn(f"{problem}: the update is flagged (update.leakage.met is False)", GradGuardWarning,
                           stacklevel=2)
         tensors = weight_delta(state.global_weights, model) if cfg.update_kind == "delta" else (state.gradient or {})
-        if cfg.bn_statistics == "local" and cfg.update_kind == "delta" and state.noised:
-            for name in _running_statistics(model):
-                tensors[name] = torch.zeros_like(tensors[name])
+        if cfg.bn_statistics == "local" and cfg.update_kind == "delta" and self._round_noised(leakage):
+            for name in self._batchnorms:
+                for buffer in ("running_mean", "running_var"):
+                    key = f"{name}.{buffer}" if name else buffer
+                    tensors[key] = torch.zeros_like(tensors[key])
         update = ProtectedUpdate(
             tensors=tensors, kind=cfg.update_kind, num_samples=len(state.seen), num_steps=state.steps,
             round=self.round, client_id=self.client_id, batch_size=state.batch_size,
@@ -669,6 +663,11 @@ class GradGuard:
         self.round += 1
         self._state = _RoundState()
         return update
+
+    def _round_noised(self, leakage: LeakageEstimate | None) -> bool:
+        """Whether some input of the round was trained on with noise: a calibrated sample with a
+        non-zero amplitude, or a fixed rule at a non-zero amplitude (its masks have a floor)."""
+        return leakage.noised_samples > 0 if leakage is not None else self._schedules()[0] > 0
 
     # ------------------------------------------------------------------ masks
     def _schedules(self) -> tuple[float, float]:
@@ -862,7 +861,6 @@ class GradGuard:
             noised = self._calibrated(images, ids, labels, call)
         else:
             noised = self._masked(images, ids, labels, call)
-        state.noised = state.noised or not torch.equal(noised, images)
         if self._batchnorms and self.config.bn_statistics == "clean":
             self._clean_batchnorm_statistics(module, args, kwargs)
         return call.with_images(noised)
@@ -1122,13 +1120,13 @@ class GradGuard:
         finally:
             self._clean_pass = False
         self._frozen_bn = []
-        for bn in self._batchnorms:
+        for bn in self._batchnorms.values():
             tracked = bn.num_batches_tracked.clone() if bn.num_batches_tracked is not None else None
             self._frozen_bn.append((bn.momentum, tracked))
             bn.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
 
     def _restore_batchnorm(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        for bn, (momentum, tracked) in zip(self._batchnorms, self._frozen_bn):
+        for bn, (momentum, tracked) in zip(self._batchnorms.values(), self._frozen_bn):
             bn.momentum = momentum
             if tracked is not None and bn.num_batches_tracked is not None:
                 bn.num_batches_tracked.copy_(tracked)

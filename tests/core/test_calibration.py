@@ -127,14 +127,20 @@ def test_a_sample_keeps_one_noise_draw_for_the_round(chest_batch):
     torch.testing.assert_close(views[0], views[2])
 
 
-def test_the_default_shares_no_clean_batchnorm_statistic(chest_batch):
-    images, labels = chest_batch[0][:4], chest_batch[1][:4]
+def batchnorm_model(images):
+    """A BatchNorm SmallCNN, its first BatchNorm's momentum and running mean, and the clean batch's
+    mean at that layer (what a shared delta of the running mean leaks, times the momentum)."""
     torch.manual_seed(0)
     model = SmallCNN(1, 2, width=8, norm="batch")
     bn = model.features[1]
-    momentum, start = bn.momentum, bn.running_mean.clone()
     with torch.no_grad():
         clean_mean = model.features[0](images).mean(dim=(0, 2, 3))
+    return model, bn, bn.momentum, bn.running_mean.clone(), clean_mean
+
+
+def test_the_default_shares_no_clean_batchnorm_statistic(chest_batch):
+    images, labels = chest_batch[0][:4], chest_batch[1][:4]
+    model, _, momentum, start, clean_mean = batchnorm_model(images)
     update = fedsgd(GradGuard(GuardConfig(threat="malicious_server", seed=0)), model, images, labels)
     leaked = start + momentum * (clean_mean - start)
     shared = start + update.tensors["features.1.running_mean"]
@@ -283,12 +289,7 @@ def test_local_batchnorm_statistics_stay_on_the_client_exactly_when_the_round_wa
     # above), so that round is shared clean, and its statistics are the clean batch's, which the rest
     # of a clean update reveals anyway.
     images, labels = chest_batch
-    torch.manual_seed(0)
-    model = SmallCNN(1, 2, width=8, norm="batch")
-    bn = model.features[1]
-    momentum, start = bn.momentum, bn.running_mean.clone()
-    with torch.no_grad():
-        clean_mean = model.features[0](images).mean(dim=(0, 2, 3))
+    model, bn, momentum, start, clean_mean = batchnorm_model(images)
     config = (GuardConfig(threat="malicious_server", bn_statistics="local", seed=0) if noised else
               GuardConfig(leakage_target_db=20.0, probe_steps=20, bn_statistics="local", seed=0))
     update = fedsgd(GradGuard(config), model, images, labels)
