@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from gradguard.cli import main
+from gradguard.config import PRESETS
 from gradguard.eval.adaptive import adaptive_variants, calibrate, denoise, noise_sigma
 from gradguard.eval.bench import BenchConfig, Spec, attacked_clients, fedavg, mode_config, run_bench
 from gradguard.eval.datasets import data_dir
@@ -100,6 +102,23 @@ def test_a_second_invocation_resumes_without_recomputing(quick):
     assert _results(quick)["computed"] == {"train_runs": 0, "attack_cells": 0}
     with pytest.raises(ValueError, match="other settings.*rounds"):
         run_bench(dataclasses.replace(CONFIG, rounds=3, progress=False), quick)
+
+
+def test_a_run_cached_before_its_defaults_changed_is_trained_and_attacked_again(quick, tmp_path, monkeypatch):
+    """A preset's defaults change (here untargeted's amplitude): its cached run and the attack cells
+    of its updates are redone, the other defenses' are reused as they are."""
+    shutil.copytree(quick, tmp_path / "out")
+    out = tmp_path / "out"
+    kept = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("none/**/*.json")}
+    config = dataclasses.replace(CONFIG, defenses=(Spec("none"), Spec("untargeted")), progress=False)
+    old = json.loads((out / "cells" / "train" / "pneumoniamnist" / "untargeted" / "seed0.json").read_text())
+    monkeypatch.setitem(PRESETS, "untargeted", PRESETS["untargeted"].with_(noise_amplitude=0.05))
+    outcome = run_bench(config, out, report_dir=tmp_path / "report")
+    assert (outcome.trained, outcome.attacked) == (1, 6)  # its run and its six captured updates' cells
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    new = json.loads((out / "cells" / "train" / "pneumoniamnist" / "untargeted" / "seed0.json").read_text())
+    assert old["defense_settings"]["noise"]["amplitude"] != 0.05 == new["defense_settings"]["noise"]["amplitude"]
+    assert run_bench(config, out, report_dir=tmp_path / "report").trained == 0  # current again
 
 
 def test_further_runs_can_be_attacked_and_leakage_averages_over_every_run(quick, tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from gradguard import GuardConfig
 from gradguard.eval.bench.experiment import ExperimentError, load_experiment
 from gradguard.eval.bench.leakage import (LeakageCell, VariantScore, noise_energy, run_leakage, sign_test, twin_spec,
                                           with_twins)
@@ -243,6 +244,14 @@ def test_utility_comes_from_measured_runs_of_the_same_setting_whatever_its_spell
     runs = measured_runs([five, twenty], ["d"], [(Spec("none"), None), (Spec("chest_xray"), None),
                                                  (Spec("fundus"), None)])
     assert [(r["defense"], r["micro_f1"]) for r in runs] == [("none", 0.9)] * 5 + [("chest_xray", 0.7)] * 20
+    # A run that recorded other settings for its preset (its defaults have changed since) is not the preset now.
+    then = GuardConfig.preset("chest_xray").with_(noise_amplitude=0.5).public_dict()
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"runs": [{**run("chest_xray", {}, s, 0.6), "defense_settings": then}
+                                        for s in range(30)]}, default=str))
+    runs = measured_runs([old, twenty], ["d"], [(Spec("chest_xray"), None)])
+    assert [r["micro_f1"] for r in runs] == [0.7] * 20
+    assert defense_key("chest_xray", {}, then) == defense_key("chest_xray", {"noise_amplitude": 0.5})
 
 
 def test_verdicts_count_leakage_only_above_the_prior_and_match_f1_to_a_point():

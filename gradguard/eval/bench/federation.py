@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -113,6 +114,17 @@ def _defense(spec: Spec, seed: int):
     return build_defense(spec.name, **params)
 
 
+def defense_settings(spec: Spec) -> Any:
+    """What ``spec``'s defense resolves to now (:attr:`Defense.settings`), as a run records it."""
+    return json.loads(json.dumps(_defense(spec, 0).settings))
+
+
+def is_current(run: Mapping[str, Any], spec: Spec) -> bool:
+    """Whether a cached run was trained with ``spec``'s defense as it resolves now: a run cached
+    before one of its defaults changed is not."""
+    return run.get("defense_settings") == defense_settings(spec)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, test: ImageSet, *, device: torch.device, chunk: int = 256) -> dict[str, Any]:
     """Test-split utility of the global model, with a collapse check (a model at the majority class has collapsed)."""
@@ -182,9 +194,9 @@ def train_run(config: BenchConfig, data: Data, spec: Spec, seed: int, layout: La
         epsilon = None  # sigma = 0: no guarantee; JSON has no infinity, so a delta without epsilon means unbounded
     reestimated = batchnorm_reestimated(model, data.prior.images, device=device)
     return {"dataset": data.train.name, "defense": spec.label, "defense_name": spec.name,
-            "defense_params": dict(spec.params), "seed": seed, "rounds": config.rounds,
-            **evaluate(model, data.test, device=device), "epsilon": epsilon, "delta": defense.delta,
-            "seconds": seconds,
+            "defense_params": dict(spec.params), "defense_settings": defense_settings(spec), "seed": seed,
+            "rounds": config.rounds, **evaluate(model, data.test, device=device), "epsilon": epsilon,
+            "delta": defense.delta, "seconds": seconds,
             # The same global model with BatchNorm statistics of the server's public images (None without BatchNorm).
             "bn_public": None if reestimated is None else evaluate(reestimated, data.test, device=device),
             "noise_history": defense.noise_history if isinstance(defense, GuardedDefense) else None}

@@ -41,7 +41,7 @@ from gradguard.eval.adaptive import adaptive_variants
 from gradguard.eval.attacks import ATTACKS, build_attack, observe, recover_labels
 from gradguard.eval.bench.cache import Layout, _check_run, _read_json, _write_json
 from gradguard.eval.bench.experiment import Experiment, LeakageSetting
-from gradguard.eval.bench.federation import Data, _defense, train_run
+from gradguard.eval.bench.federation import Data, _defense, is_current, train_run
 from gradguard.eval.bench.spec import Spec
 from gradguard.eval.defenses import DEFENSES, GuardedDefense, UntargetedDefense
 from gradguard.eval.known_noise import DenoiserConfig, KnownNoiseDenoiser, gradguard_noise
@@ -445,28 +445,31 @@ def datasets_of(cells: Sequence[LeakageCell]) -> list[str]:
     return list(dict.fromkeys(c.dataset for c in cells))
 
 
-def defense_key(name: str, params: dict[str, Any]) -> str:
+def defense_key(name: str, params: dict[str, Any], settings: dict[str, Any] | None = None) -> str:
     """What a defense setting does, whatever its spelling: GradGuard settings by the configuration
-    they resolve to (``chest_xray`` is ``gradguard`` with the preset's fields), others by name and
-    parameters; seeds and the share kind do not count."""
+    they resolve to (``chest_xray`` is ``gradguard`` with the preset's fields; ``settings``, the one a
+    run recorded, where given), others by name and parameters; seeds and the share kind do not count."""
     params = _setting_params(params)
     cls = DEFENSES[name]
     if issubclass(cls, GuardedDefense):
-        return "gradguard:" + json.dumps(GuardConfig.preset(cls.preset, **params).public_dict(), sort_keys=True,
-                                         default=str)
+        resolved = settings if settings is not None else GuardConfig.preset(cls.preset, **params).public_dict()
+        return "gradguard:" + json.dumps(json.loads(json.dumps(resolved, default=str)), sort_keys=True)
     return f"{name}:" + json.dumps(params, sort_keys=True)
 
 
 def measured_runs(paths: Sequence[Path], datasets: Sequence[str],
                   defenses: Sequence[tuple[Spec, str | None]]) -> list[dict[str, Any]]:
     """Each defense's utility runs from federation reports' ``results.json``: per dataset, the
-    file that measured the setting over the most seeds; the runs are relabelled to the defense."""
+    file that measured the setting over the most seeds; the runs are relabelled to the defense. A
+    run that recorded its defense's settings is matched by them, so a run of ``gradguard`` from
+    before a default changed is not taken for the new default."""
     found: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
     for path in paths:
         by: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for run in _read_json(path)["runs"]:
             if run["defense_name"] in DEFENSES:
-                by.setdefault((run["dataset"], defense_key(run["defense_name"], run["defense_params"])), []).append(run)
+                setting = defense_key(run["defense_name"], run["defense_params"], run.get("defense_settings"))
+                by.setdefault((run["dataset"], setting), []).append(run)
         for key, runs in by.items():
             found.setdefault(key, []).append(runs)
     out = []
@@ -524,9 +527,10 @@ def run_leakage(experiment: Experiment, out: str | Path, *, report_dir: str | Pa
             for spec, twin_of in defenses:
                 for seed in seeds:
                     path = utility_layout.train(data.train.name, spec, seed)
-                    if not path.is_file() and not compute:
+                    cached = path.is_file() and is_current(_read_json(path), spec)
+                    if not cached and not compute:
                         continue
-                    if not path.is_file():
+                    if not cached:
                         bar.set_postfix_str(f"{data.train.name} {spec.label} utility seed {seed}")
                         _write_json(path, train_run(experiment.utility, data, spec, seed, utility_layout,
                                                     capture=False))

@@ -1,6 +1,7 @@
 """A benchmark invocation over its cache: computes what is missing, then writes the report."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from tqdm.auto import tqdm
 
 from gradguard.eval.bench.cache import Layout, _check_run, _read_json, _write_json
 from gradguard.eval.bench.cells import attack_cell
-from gradguard.eval.bench.federation import Data, attacked_clients, train_run
+from gradguard.eval.bench.federation import Data, attacked_clients, is_current, train_run
 from gradguard.eval.bench.spec import BenchConfig, Spec
 from gradguard.eval.metrics import LPIPSMetric
 from gradguard.eval.partition import partition_clients
@@ -44,11 +45,15 @@ class _Runner:
         for seed in config.seeds:
             path = layout.train(name, defense, seed)
             capture = seed in config.seeds_attacked
+            stale = path.is_file() and not is_current(_read_json(path), defense)
+            if stale:  # its attack cells inverted the stale run's updates
+                for round_, client, attack in itertools.product(config.rounds_attacked, targets, config.attacks):
+                    layout.attack(name, defense, attack, round_, client, seed=seed).unlink(missing_ok=True)
             needed = {round_ for round_ in config.rounds_attacked for client in targets for attack in config.attacks
                       if not layout.attack(name, defense, attack, round_, client, seed=seed).is_file()
                       } if capture else set()
             lost = any(not layout.capture(name, defense, r, seed=seed).is_file() for r in needed)
-            if not path.is_file() or lost:
+            if not path.is_file() or lost or stale:
                 self.bar.set_postfix_str(f"{name} {defense.label} train seed {seed}")
                 _write_json(path, train_run(config, data, defense, seed, layout, capture=capture))
                 self.trained += 1

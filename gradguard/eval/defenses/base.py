@@ -104,6 +104,13 @@ class Defense(ABC):
     def params(self) -> dict[str, Any]:
         return dict(self._params)
 
+    @property
+    def settings(self) -> dict[str, Any] | None:
+        """What the defense's behaviour depends on beyond :attr:`params`, e.g. the defaults a preset
+        resolves to; a benchmark's cached run is reused only while they are unchanged. None: only
+        the params."""
+        return None
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._params.items())
         return f"{type(self).__name__}({args})"

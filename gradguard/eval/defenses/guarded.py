@@ -108,6 +108,11 @@ class GuardedDefense(Defense):
         return GuardConfig.preset(self.preset, **self.overrides)
 
     @property
+    def settings(self) -> dict[str, Any]:
+        """Every GuardConfig field but the seed: a run cached before a default changed is stale."""
+        return self.config.public_dict()
+
+    @property
     def delta(self) -> float | None:
         if self.overrides.get("dp_noise_multiplier") is None:
             return None
