@@ -7,7 +7,7 @@ EXTRAS ?= dev,eval,flower
 SHARED ?= $(abspath ../shared)
 export GRADGUARD_SHARED ?= $(SHARED)
 
-.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-leakage bench-leakage-full bench-calibrated bench-calibrated-bn bench-bound-tightness bench-calibration-cost bench-probe-mix bench-paper bench-paper-seeds bench-mid-clients proto clean
+.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-leakage bench-leakage-full bench-calibrated bench-calibrated-bn bench-bound-tightness bench-calibration-cost bench-probe-mix bench-probe-mix-large bench-paper bench-paper-seeds bench-mid-clients proto clean
 
 venv: $(STAMP)
 
@@ -81,6 +81,10 @@ bench-calibration-cost: $(STAMP)
 # How many of a large client's images the probe mixes into a delta's stand-in (RESULTS.md).
 bench-probe-mix: $(STAMP)
 	$(PY) benchmarks/probe_mix.py --mixes 8,16,32 --draws 3 --trained 0,200
+
+# The probe's worst image against its null up to the whole 256-image client, every attack in full (about 45 min).
+bench-probe-mix-large: $(STAMP)
+	$(PY) benchmarks/probe_mix.py --mixes 16,64,256 --draws 2 --trained 0,200 --null --full --name probe_mix_large
 
 # The federation benchmark's full report (benchmarks/experiments/paper.toml) on CPU: one process per
 # dataset sharing the cache in bench-out/paper (a rerun resumes), then one report over both.
