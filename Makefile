@@ -82,7 +82,7 @@ bench-calibration-cost: $(STAMP)
 bench-probe-mix: $(STAMP)
 	$(PY) benchmarks/probe_mix.py --mixes 8,16,32 --draws 3 --trained 0,200
 
-# The probe's worst image against its null up to the whole 256-image client, every attack in full (about 45 min).
+# The probe's worst image against its null up to the whole 256-image client, every attack in full (about 41 min).
 bench-probe-mix-large: $(STAMP)
 	$(PY) benchmarks/probe_mix.py --mixes 16,64,256 --draws 2 --trained 0,200 --null --full --name probe_mix_large
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gradguard.eval.bench.cache import Layout, _atomic
+from gradguard.eval.bench.cache import Layout, _atomic, _read_json
 from gradguard.eval.bench.spec import BenchConfig, Spec
 from gradguard.eval.datasets import ImageSet, load_medmnist
 from gradguard.eval.defenses import DEFENSES, GuardedDefense, build_defense
@@ -116,13 +116,20 @@ def _defense(spec: Spec, seed: int):
 
 def defense_settings(spec: Spec) -> Any:
     """What ``spec``'s defense resolves to now (:attr:`Defense.settings`), as a run records it."""
-    return json.loads(json.dumps(_defense(spec, 0).settings))
+    return _recorded(_defense(spec, 0).settings)
 
 
-def is_current(run: Mapping[str, Any], spec: Spec) -> bool:
-    """Whether a cached run was trained with ``spec``'s defense as it resolves now: a run cached
-    before one of its defaults changed is not."""
-    return run.get("defense_settings") == defense_settings(spec)
+def _recorded(settings: Any) -> Any:
+    return json.loads(json.dumps(settings))  # as JSON reads it back: tuples become lists
+
+
+def cached_run(path: Path, settings: Any) -> dict[str, Any] | None:
+    """The run cached at ``path`` if its defense resolved to ``settings`` (:func:`defense_settings`)
+    when it was trained; None when there is none or it is stale (trained before a default changed)."""
+    if not path.is_file():
+        return None
+    run = _read_json(path)
+    return run if run.get("defense_settings") == settings else None
 
 
 @torch.no_grad()
@@ -194,7 +201,7 @@ def train_run(config: BenchConfig, data: Data, spec: Spec, seed: int, layout: La
         epsilon = None  # sigma = 0: no guarantee; JSON has no infinity, so a delta without epsilon means unbounded
     reestimated = batchnorm_reestimated(model, data.prior.images, device=device)
     return {"dataset": data.train.name, "defense": spec.label, "defense_name": spec.name,
-            "defense_params": dict(spec.params), "defense_settings": defense_settings(spec), "seed": seed,
+            "defense_params": dict(spec.params), "defense_settings": _recorded(defense.settings), "seed": seed,
             "rounds": config.rounds, **evaluate(model, data.test, device=device), "epsilon": epsilon,
             "delta": defense.delta, "seconds": seconds,
             # The same global model with BatchNorm statistics of the server's public images (None without BatchNorm).

@@ -41,7 +41,7 @@ from gradguard.eval.adaptive import adaptive_variants
 from gradguard.eval.attacks import ATTACKS, build_attack, observe, recover_labels
 from gradguard.eval.bench.cache import Layout, _check_run, _read_json, _write_json
 from gradguard.eval.bench.experiment import Experiment, LeakageSetting
-from gradguard.eval.bench.federation import Data, _defense, is_current, train_run
+from gradguard.eval.bench.federation import Data, _defense, cached_run, defense_settings, train_run
 from gradguard.eval.bench.spec import Spec
 from gradguard.eval.defenses import DEFENSES, GuardedDefense, UntargetedDefense
 from gradguard.eval.known_noise import DenoiserConfig, KnownNoiseDenoiser, gradguard_noise
@@ -449,12 +449,10 @@ def defense_key(name: str, params: dict[str, Any], settings: dict[str, Any] | No
     """What a defense setting does, whatever its spelling: GradGuard settings by the configuration
     they resolve to (``chest_xray`` is ``gradguard`` with the preset's fields; ``settings``, the one a
     run recorded, where given), others by name and parameters; seeds and the share kind do not count."""
-    params = _setting_params(params)
-    cls = DEFENSES[name]
-    if issubclass(cls, GuardedDefense):
-        resolved = settings if settings is not None else GuardConfig.preset(cls.preset, **params).public_dict()
-        return "gradguard:" + json.dumps(json.loads(json.dumps(resolved, default=str)), sort_keys=True)
-    return f"{name}:" + json.dumps(params, sort_keys=True)
+    if issubclass(DEFENSES[name], GuardedDefense):
+        resolved = settings if settings is not None else defense_settings(Spec(name, params))
+        return "gradguard:" + json.dumps(resolved, sort_keys=True)
+    return f"{name}:" + json.dumps(_setting_params(params), sort_keys=True)
 
 
 def measured_runs(paths: Sequence[Path], datasets: Sequence[str],
@@ -525,17 +523,19 @@ def run_leakage(experiment: Experiment, out: str | Path, *, report_dir: str | Pa
     with progress_bar(total=total, desc=experiment.name, enabled=experiment.progress) as bar:
         for name, data in datasets.items():
             for spec, twin_of in defenses:
+                settings = defense_settings(spec)
                 for seed in seeds:
                     path = utility_layout.train(data.train.name, spec, seed)
-                    cached = path.is_file() and is_current(_read_json(path), spec)
-                    if not cached and not compute:
+                    run = cached_run(path, settings)
+                    if run is None and not compute:
                         continue
-                    if not cached:
+                    if run is None:
                         bar.set_postfix_str(f"{data.train.name} {spec.label} utility seed {seed}")
                         _write_json(path, train_run(experiment.utility, data, spec, seed, utility_layout,
                                                     capture=False))
                         trained += 1
-                    runs.append(_read_json(path))
+                        run = _read_json(path)
+                    runs.append(run)
                     bar.update()
                 for setting in (s for s in experiment.settings if s.runs(spec, twin_of)):
                     for seed in range(experiment.attack_seeds):

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from gradguard.eval.bench.cache import Layout, _check_run, _read_json, _write_json
 from gradguard.eval.bench.cells import attack_cell
-from gradguard.eval.bench.federation import Data, attacked_clients, is_current, train_run
+from gradguard.eval.bench.federation import Data, attacked_clients, cached_run, defense_settings, train_run
 from gradguard.eval.bench.spec import BenchConfig, Spec
 from gradguard.eval.metrics import LPIPSMetric
 from gradguard.eval.partition import partition_clients
@@ -41,11 +41,13 @@ class _Runner:
         """The training records of every seed; an attacked seed's run is redone when a capture
         that a missing attack cell needs is gone (or was never kept: a seed attacked only now)."""
         config, layout, name = self.config, self.layout, data.train.name
+        settings = defense_settings(defense)
         records = []
         for seed in config.seeds:
             path = layout.train(name, defense, seed)
             capture = seed in config.seeds_attacked
-            stale = path.is_file() and not is_current(_read_json(path), defense)
+            record = cached_run(path, settings)
+            stale = record is None and path.is_file()
             if stale:  # its attack cells inverted the stale run's updates
                 for round_, client, attack in itertools.product(config.rounds_attacked, targets, config.attacks):
                     layout.attack(name, defense, attack, round_, client, seed=seed).unlink(missing_ok=True)
@@ -53,11 +55,12 @@ class _Runner:
                       if not layout.attack(name, defense, attack, round_, client, seed=seed).is_file()
                       } if capture else set()
             lost = any(not layout.capture(name, defense, r, seed=seed).is_file() for r in needed)
-            if not path.is_file() or lost or stale:
+            if record is None or lost:
                 self.bar.set_postfix_str(f"{name} {defense.label} train seed {seed}")
                 _write_json(path, train_run(config, data, defense, seed, layout, capture=capture))
                 self.trained += 1
-            records.append(_read_json(path))
+                record = _read_json(path)
+            records.append(record)
             self.bar.update()
         return records
 
