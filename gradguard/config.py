@@ -333,15 +333,17 @@ class GuardConfig:
     dp (:class:`DPConfig`), calibration (:class:`CalibrationConfig`), and:
 
     total_rounds: T, the number of FL rounds the noise and relevance schedules run over.
-    bn_statistics: "noised" (the default): BatchNorm running statistics come from the noised inputs, so
-        they tell an attacker no more than the rest of the update. "clean" updates them from an extra
-        no-grad forward of the clean batch instead, so the global model's statistics match the clean
-        images it is used on; but the shared delta then carries momentum x the clean batch's
-        per-channel means and variances exactly, a channel the noise does not cover. "local" trains as
-        "noised", but a delta whose round noised any input shares no running statistic (their delta is
-        zero, FedBN's rule for that round), so the global model's statistics come only from rounds
-        shared without noise, whose inputs are what the rest of the update reveals anyway; under a
-        fixed noise rule every round is noised and the global model keeps its first statistics.
+    bn_statistics: "local" (the default): BatchNorm running statistics are updated from the inputs as
+        trained (noised where noise was added), but a delta whose round noised any input shares no
+        running statistic (their delta is zero, FedBN's rule for that round), so the global model's
+        statistics come only from rounds shared without noise, whose inputs are what the rest of the
+        update reveals anyway; where every round is noised (a fixed noise rule, the malicious server)
+        the global model keeps its first statistics. "noised" shares every round's statistics, those of
+        the noised inputs, which tell an attacker no more than the rest of the update but skew the
+        global model's normalisation of clean images. "clean" updates them from an extra no-grad
+        forward of the clean batch instead, so the global model's statistics match the clean images
+        it is used on; but the shared delta then carries momentum x the clean batch's per-channel
+        means and variances exactly, a channel the noise does not cover.
     update_kind: what ``protected_update()`` returns: the weight "delta" of the round (FedAvg), or the
         "gradient" at the weights the round started from (FedSGD: one local step per round).
     seed: seeds the noise and the shadow. None (the default) draws a secret seed per guard: whoever knows
@@ -357,14 +359,14 @@ class GuardConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     total_rounds: int = 100
-    bn_statistics: BatchNormStatistics = "noised"
+    bn_statistics: BatchNormStatistics = "local"
     update_kind: UpdateKind = "delta"
     seed: int | None = None
 
     def __init__(self, *, noise: NoiseConfig | None = None, masks: MaskConfig | None = None,
                  shadow: ShadowConfig | str | None = None, dp: DPConfig | None = None,
                  calibration: CalibrationConfig | None = None, total_rounds: int = 100,
-                 bn_statistics: BatchNormStatistics = "noised", update_kind: UpdateKind = "delta",
+                 bn_statistics: BatchNormStatistics = "local", update_kind: UpdateKind = "delta",
                  seed: int | None = None, **flat: Any) -> None:
         if isinstance(shadow, str):  # the flat name of shadow.kind
             flat["shadow"], shadow = shadow, None
@@ -462,6 +464,7 @@ PRESETS: dict[str, GuardConfig] = {
                          normalization="peak", relevance_method="gradcam"),
         shadow=ShadowConfig(kind="generator", steps_per_batch=5),
         leakage_target_db=None,
+        bn_statistics="noised",  # as measured; every round is noised, so "local" would share none
     ),
     "targeted": _TARGETED,
     # Measured per modality on the federation benchmark (RESULTS.md). Both spend the noise on updates that cover few

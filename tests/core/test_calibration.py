@@ -138,14 +138,19 @@ def batchnorm_model(images):
     return model, bn, bn.momentum, bn.running_mean.clone(), clean_mean
 
 
-def test_the_default_shares_no_clean_batchnorm_statistic(chest_batch):
+@pytest.mark.parametrize("mode", ["local", "noised"])
+def test_the_default_shares_no_clean_batchnorm_statistic(chest_batch, mode):
     images, labels = chest_batch[0][:4], chest_batch[1][:4]
     model, _, momentum, start, clean_mean = batchnorm_model(images)
-    update = fedsgd(GradGuard(GuardConfig(threat="malicious_server", seed=0)), model, images, labels)
+    config = GuardConfig(threat="malicious_server", seed=0)
+    update = fedsgd(GradGuard(config if mode == "local" else config.with_(bn_statistics=mode)),
+                    model, images, labels)
     leaked = start + momentum * (clean_mean - start)
     shared = start + update.tensors["features.1.running_mean"]
-    assert (shared - leaked).abs().max() > 1e-3  # the noised inputs' statistics, not the clean batch's
-    assert GuardConfig().bn_statistics == "noised"
+    assert (shared - leaked).abs().max() > 1e-3  # not the clean batch's statistics
+    if mode == "local":  # the default: a noised round's statistics stay on the client
+        assert config.bn_statistics == "local"
+        assert torch.count_nonzero(update.tensors["features.1.running_mean"]) == 0
 
 
 def test_calibration_refuses_what_its_bound_does_not_cover():

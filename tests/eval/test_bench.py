@@ -254,6 +254,17 @@ def test_matched_f1_verdicts():
     assert "trade-off" in matched_f1_verdict(ours, other(0.70, 12.0))
     assert (matched_f1_verdict(ours, other(0.80, 17.0, collapsed=1))
             == "no verdict (collapsed runs); GradGuard leaks less")
+    # The same leakage (to the table's 0.01 dB) is no verdict on leakage: F1 decides, or it is a tie.
+    assert matched_f1_verdict(ours, other(0.795, 15.0 - 1e-9)) == "tie (the same leakage at matched F1)"
+    assert "wins" in matched_f1_verdict(ours, other(0.70, 15.001))
+    assert "loses" in matched_f1_verdict(ours, other(0.85, 15.0))
+    assert matched_f1_verdict(ours, other(0.80, 15.0, collapsed=1)).endswith("leaks as much")
+    # Leakage counts above the attacker's prior: below the mean image, a lower PSNR protects no more.
+    prior = {"mean_image": {"psnr_best": 16.0}}
+    assert matched_f1_verdict({**ours, **prior}, {**other(0.805, 15.9), **prior}) == (
+        "tie (the same leakage at matched F1)")
+    assert matched_f1_verdict({**ours, **prior}, {**other(0.805, 17.0), **prior}) == "GradGuard leaks less"
+    assert "loses" in matched_f1_verdict({**other(0.80, 17.0), **prior}, {**ours, **prior})
 
 
 def test_goal_checks_hold_micro_and_macro_f1_to_a_point():
