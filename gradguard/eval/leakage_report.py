@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from safetensors.torch import load_file
 
-from gradguard.eval.report import F1_MATCH, slugify
+from gradguard.eval.report import F1_MATCH, compare_at_matched_f1, slugify
 
 if TYPE_CHECKING:
     from gradguard.eval.bench.experiment import Experiment
@@ -37,6 +37,20 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+# GradGuard's (leakage, F1) against the other defense's -> the leakage report's verdict.
+_VERDICTS = {
+    ("same", "same"): "tie (both at the prior, F1 matched)",
+    ("same", "more"): "GradGuard wins (both at the prior, more F1)",
+    ("same", "less"): "**GradGuard loses** (both at the prior, less F1)",
+    ("less", "same"): "GradGuard wins (less leakage, F1 matched)",
+    ("more", "same"): "**GradGuard loses** (more leakage, F1 matched)",
+    ("less", "more"): "GradGuard dominates (less leakage, more F1)",
+    ("more", "more"): "trade-off (GradGuard: more leakage, more F1)",
+    ("less", "less"): "trade-off (GradGuard: less leakage, less F1)",
+    ("more", "less"): "**GradGuard loses** (more leakage, less F1)",
+}
+
+
 def verdict(ours: SummaryRow, other: SummaryRow) -> str:
     """How a GradGuard setting fares against another defense on one leaking setting.
 
@@ -45,19 +59,8 @@ def verdict(ours: SummaryRow, other: SummaryRow) -> str:
     by F1. Otherwise the lower leakage wins at matched micro-F1 (within a point)."""
     if ours.micro_f1 is None or other.micro_f1 is None:
         return "no verdict (no F1 measured)"
-    mine, theirs = max(ours.psnr_above_prior, 0.0), max(other.psnr_above_prior, 0.0)
-    gap = ours.micro_f1 - other.micro_f1
-    if mine == theirs:  # both at the prior
-        if abs(gap) <= F1_MATCH:
-            return "tie (both at the prior, F1 matched)"
-        return ("GradGuard wins (both at the prior, more F1)" if gap > 0
-                else "**GradGuard loses** (both at the prior, less F1)")
-    less = mine < theirs
-    if abs(gap) <= F1_MATCH:
-        return "GradGuard wins (less leakage, F1 matched)" if less else "**GradGuard loses** (more leakage, F1 matched)"
-    if gap > 0:
-        return "GradGuard dominates (less leakage, more F1)" if less else "trade-off (GradGuard: more leakage, more F1)"
-    return "trade-off (GradGuard: less leakage, less F1)" if less else "**GradGuard loses** (more leakage, less F1)"
+    return _VERDICTS[compare_at_matched_f1((max(ours.psnr_above_prior, 0.0), ours.micro_f1),
+                                           (max(other.psnr_above_prior, 0.0), other.micro_f1))]
 
 
 def markdown_table(dataset: str, rows: Sequence[SummaryRow], twins: Sequence[dict[str, Any]],

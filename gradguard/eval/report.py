@@ -22,7 +22,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import numpy as np
 import torch
@@ -216,30 +216,43 @@ def leakage_above_prior(summary: dict[str, Any]) -> float:
     return psnr if prior is None else max(psnr - prior["psnr_best"], 0.0)
 
 
+Side = Literal["less", "same", "more"]
+
+
+def compare_at_matched_f1(ours: tuple[float, float], other: tuple[float, float]) -> tuple[Side, Side]:
+    """GradGuard's (leakage, micro-F1) against another setting's: whether its leakage is less, the
+    same or more, and its F1 (the same within :data:`F1_MATCH`). The verdict rule of both reports."""
+    (our_leak, our_f1), (other_leak, other_f1) = ours, other
+    leak: Side = "same" if our_leak == other_leak else "less" if our_leak < other_leak else "more"
+    f1: Side = "same" if abs(our_f1 - other_f1) <= F1_MATCH else "less" if our_f1 < other_f1 else "more"
+    return leak, f1
+
+
+# GradGuard's (leakage, F1) against the other setting's -> the federation report's verdict.
+_MATCHED_F1_VERDICTS: dict[tuple[Side, Side], str] = {
+    ("same", "same"): "tie (the same leakage at matched F1)",
+    ("same", "more"): "GradGuard wins (more F1 at the same leakage)",
+    ("same", "less"): "**GradGuard loses** (other: more F1 at the same leakage)",
+    ("less", "same"): "GradGuard leaks less",
+    ("more", "same"): "**GradGuard loses** (other leaks less at matched F1)",
+    ("less", "less"): "trade-off: other has more F1 and leaks more",
+    ("more", "less"): "**GradGuard loses** (other: more F1 and less leakage)",
+    ("less", "more"): "GradGuard dominates (more F1, less leakage)",
+    ("more", "more"): "trade-off: other has less F1 and leaks less",
+}
+
+
 def matched_f1_verdict(ours: dict[str, Any], other: dict[str, Any]) -> str:
     """How a GradGuard setting fares against another setting, judged at matched micro-F1.
 
     A collapsed run has no utility to match, so then only the leakage is compared. Leakage counts
     above the attacker's prior (two settings at or below it leak the same: nothing) and as the table
     prints it (0.01 dB): a difference it rounds away is the same leakage, not a verdict."""
-    f1_gap = other["micro_f1_mean"] - ours["micro_f1_mean"]
-    leak_gap = round(leakage_above_prior(other) - leakage_above_prior(ours), 2)
-    ours_lower = leak_gap > 0
+    leak, f1 = compare_at_matched_f1((round(leakage_above_prior(ours), 2), ours["micro_f1_mean"]),
+                                     (round(leakage_above_prior(other), 2), other["micro_f1_mean"]))
     if _collapsed(ours, other):
-        how = "less" if ours_lower else "more" if leak_gap else "as much"
-        return f"no verdict (collapsed runs); GradGuard leaks {how}"
-    if leak_gap == 0:
-        if abs(f1_gap) <= F1_MATCH:
-            return "tie (the same leakage at matched F1)"
-        return ("GradGuard wins (more F1 at the same leakage)" if f1_gap < 0
-                else "**GradGuard loses** (other: more F1 at the same leakage)")
-    if abs(f1_gap) <= F1_MATCH:
-        return "GradGuard leaks less" if ours_lower else "**GradGuard loses** (other leaks less at matched F1)"
-    if f1_gap > 0:
-        return ("trade-off: other has more F1 and leaks more" if ours_lower
-                else "**GradGuard loses** (other: more F1 and less leakage)")
-    return ("GradGuard dominates (more F1, less leakage)" if ours_lower
-            else "trade-off: other has less F1 and leaks less")
+        return f"no verdict (collapsed runs); GradGuard leaks {'as much' if leak == 'same' else leak}"
+    return _MATCHED_F1_VERDICTS[leak, f1]
 
 
 # ---------------------------------------------------------------------------- Markdown
