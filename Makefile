@@ -7,7 +7,7 @@ EXTRAS ?= dev,eval,flower
 SHARED ?= $(abspath ../shared)
 export GRADGUARD_SHARED ?= $(SHARED)
 
-.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-leakage bench-leakage-full bench-calibrated bench-calibrated-bn bench-bound-tightness bench-calibration-cost bench-probe-mix bench-probe-mix-large bench-paper bench-paper-seeds bench-mid-clients proto clean
+.PHONY: venv test demo bench bench-step bench-shadow bench-transport bench-quick bench-leakage bench-leakage-full bench-calibrated bench-calibrated-bn bench-calibrated-malicious bench-bound-tightness bench-calibration-cost bench-probe-mix bench-probe-mix-large bench-paper bench-paper-seeds bench-mid-clients proto clean
 
 venv: $(STAMP)
 
@@ -71,6 +71,14 @@ bench-calibrated: $(STAMP)
 # Where the calibrated default's BatchNorm statistics come from (benchmarks/results/calibrated-bn).
 bench-calibrated-bn: $(STAMP)
 	$(call calibrated,calibrated-bn)
+
+# The malicious-server threat's utility at leakage targets of 1 (the default), 3, 6 and 10 dB
+# (benchmarks/results/calibrated-malicious), then what the benchmark's attacker recovers at each
+# (benchmarks/results/leakage-malicious, the imprint settings of the leakage benchmark).
+bench-calibrated-malicious: $(STAMP)
+	$(call calibrated,calibrated-malicious)
+	$(PY) -m gradguard.cli bench --experiment benchmarks/experiments/leakage-malicious.toml --no-progress \
+		$(BENCH_ARGS) --out bench-out/leakage --report-dir benchmarks/results/leakage-malicious
 
 bench-bound-tightness: $(STAMP)
 	$(PY) benchmarks/bound_tightness.py

@@ -5,6 +5,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # type checkers see the names; at run time they load on first use
+    from gradguard.batchnorm import reestimate_batchnorm as reestimate_batchnorm
     from gradguard.config import PRESETS as PRESETS, DPConfig as DPConfig, GuardConfig as GuardConfig
     from gradguard.config import CalibrationConfig as CalibrationConfig, MaskConfig as MaskConfig
     from gradguard.config import NoiseConfig as NoiseConfig, ShadowConfig as ShadowConfig
@@ -22,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "GradGuardWarning": "gradguard.errors", "LeakageEstimate": "gradguard.update",
     "UnsupportedModelError": "gradguard.errors", "GradGuard": "gradguard.guard",
     "MaskExplanation": "gradguard.guard", "ProtectedUpdate": "gradguard.update",
+    "reestimate_batchnorm": "gradguard.batchnorm",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

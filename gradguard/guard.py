@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
 from gradguard import masks as mk
+from gradguard.batchnorm import tracked_batchnorms
 from gradguard.calibration import bound, exact
 from gradguard.calibration.probe import (PROBE_FRACTIONS, PROBE_MARGIN_DB, PROBE_MIX_IMAGES, above_prior_db,
                                          buffers_kept, gradient_probe)
@@ -64,6 +65,13 @@ InputSelector = int | str
 """The noised input of ``forward``: a position among its positional arguments, or a parameter name."""
 LogitsSelector = int | str | Callable[[Any], torch.Tensor]
 """Where the logits [N, classes] are in what ``forward`` returns: an index, a key, or a function."""
+
+# Measured on the federation benchmark: with no statistic shared, the global model predicts one class.
+_NO_SHARED_BATCHNORM = (
+    "every round of this guard is noised (the malicious-server threat, or a fixed noise rule), so with "
+    "bn_statistics='local' no BatchNorm running statistic leaves this client and the global model keeps its "
+    "initial ones; fix: re-estimate them on the server from public images (gradguard.reestimate_batchnorm), "
+    "evaluate with each client's own statistics (FedBN), or train with GroupNorm")
 
 
 @dataclass
@@ -483,10 +491,13 @@ class GradGuard:
                               self._dp.module.register_forward_hook(lambda *_: self._set_dp_forward(False))]
             train = (self._dp.module, self._dp.optimizer, self._dp.data_loader)
         self._handles.append(model.register_forward_pre_hook(self._protect, with_kwargs=True))
-        self._batchnorms = {name: m for name, m in model.named_modules()
-                            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+        self._batchnorms = tracked_batchnorms(model)
         if self._batchnorms and cfg.bn_statistics == "clean":
             self._handles.append(model.register_forward_hook(self._restore_batchnorm))
+        every_round_noised = cfg.calibration.threat == "malicious_server" if cfg.calibration.enabled \
+            else cfg.noise.amplitude > 0
+        if self._batchnorms and cfg.bn_statistics == "local" and cfg.update_kind == "delta" and every_round_noised:
+            warnings.warn(_NO_SHARED_BATCHNORM, GradGuardWarning, stacklevel=2)
         if cfg.shadow.kind != "none":
             self._handles.append(final_linear(model)[1].register_forward_hook(self._capture_features))
         self._handles.append(optimizer.register_step_pre_hook(self._before_step))

@@ -1,6 +1,7 @@
 """Calibrated noise: the bound, the per-sample amplitudes, the leakage estimate and what it covers."""
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -143,13 +144,38 @@ def test_the_default_shares_no_clean_batchnorm_statistic(chest_batch, mode):
     images, labels = chest_batch[0][:4], chest_batch[1][:4]
     model, _, momentum, start, clean_mean = batchnorm_model(images)
     config = GuardConfig(threat="malicious_server", seed=0)
-    update = fedsgd(GradGuard(config.with_(bn_statistics=mode)), model, images, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradGuardWarning)  # local's warning: the next test's subject
+        update = fedsgd(GradGuard(config.with_(bn_statistics=mode)), model, images, labels)
     leaked = start + momentum * (clean_mean - start)
     shared = start + update.tensors["features.1.running_mean"]
     assert (shared - leaked).abs().max() > 1e-3  # not the clean batch's statistics
     if mode == "local":  # the default: a noised round's statistics stay on the client
         assert config.bn_statistics == "local"
         assert torch.count_nonzero(update.tensors["features.1.running_mean"]) == 0
+
+
+def test_a_guard_that_noises_every_round_warns_that_no_batchnorm_statistic_is_shared(chest_batch):
+    """Under the malicious-server threat (or a fixed rule) every round is noised, so with
+    bn_statistics="local" the global model would never receive running statistics: wrap says so
+    and names the fixes. Where some statistic can be shared, it says nothing."""
+    images, labels = chest_batch[0][:4], chest_batch[1][:4]
+    model = batchnorm_model(images)[0]
+    with pytest.warns(GradGuardWarning, match="no BatchNorm running statistic leaves.*reestimate_batchnorm"):
+        fedsgd(GradGuard(GuardConfig(threat="malicious_server", seed=0)), model, images, labels)
+    with pytest.warns(GradGuardWarning, match="no BatchNorm running statistic leaves"):
+        GradGuard(GuardConfig.preset("untargeted", bn_statistics="local")).wrap(
+            model, torch.optim.SGD(model.parameters(), lr=0.01))
+    quiet = [(GuardConfig(threat="malicious_server", bn_statistics="noised"), model),
+             (GuardConfig(threat="malicious_server", update_kind="gradient"), model),
+             (GuardConfig(threat="malicious_server"), SmallCNN(1, 2, width=8, norm="group")),
+             (GuardConfig(probe_steps=5), model)]  # the honest server: unnoised rounds share theirs
+    for config, net in quiet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GradGuardWarning)
+            guard = GradGuard(config)
+            guard.wrap(net, torch.optim.SGD(net.parameters(), lr=0.01))
+            guard.cleanup()
 
 
 def test_calibration_refuses_what_its_bound_does_not_cover():
@@ -296,7 +322,9 @@ def test_local_batchnorm_statistics_stay_on_the_client_exactly_when_the_round_wa
     model, bn, momentum, start, clean_mean = batchnorm_model(images)
     config = (GuardConfig(threat="malicious_server", bn_statistics="local", seed=0) if noised else
               GuardConfig(leakage_target_db=20.0, probe_steps=20, bn_statistics="local", seed=0))
-    update = fedsgd(GradGuard(config), model, images, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradGuardWarning)  # what the noised one warns of is tested above
+        update = fedsgd(GradGuard(config), model, images, labels)
     assert (update.leakage.noised_samples > 0) == noised
     names = [n for n in update.tensors if n.endswith(("running_mean", "running_var"))]
     assert len(names) == 6 and "features.1.running_mean" in names

@@ -238,8 +238,11 @@ def test_protected_update_prints_briefly(chest_batch):
     images, labels = chest_batch
     model = SmallCNN(1, 2, width=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    guard = GradGuard()
+    # The malicious-server threat: a leakage report from the bound alone, without the probe's attack.
+    guard = GradGuard(GuardConfig(threat="malicious_server"))
     guard.wrap(model.train(), optimizer)
     step(model, optimizer, images[:4], labels[:4])
-    text = repr(guard.protected_update())
+    update = guard.protected_update()
+    assert update.leakage is not None
+    text = repr(update)
     assert text.startswith("ProtectedUpdate(kind='delta', round=0") and "MiB" in text and len(text) < 200

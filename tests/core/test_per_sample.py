@@ -59,7 +59,8 @@ def test_hybrid_dp_samples_like_opacus_and_reports_its_accountants_epsilon(chest
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4, shuffle=True)
     model = SmallCNN(1, 2, width=8, norm="group")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    guard = GradGuard(GuardConfig(dp_noise_multiplier=1.1, dp_max_grad_norm=1.0, dp_delta=1e-5))
+    # A 25-step probe: it runs as the default's does (and must not touch the accountant), only shorter.
+    guard = GradGuard(GuardConfig(dp_noise_multiplier=1.1, dp_max_grad_norm=1.0, dp_delta=1e-5, probe_steps=25))
     with pytest.raises(UnsupportedModelError, match="data_loader=loader"):
         guard.wrap(model, optimizer)  # fixed-size batches would make the reported epsilon wrong
     dp_model, dp_optimizer, dp_loader = guard.wrap(model, optimizer, data_loader=loader)
@@ -90,7 +91,7 @@ def test_hybrid_dp_refuses_training_the_unwrapped_objects(chest_batch):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
     model = SmallCNN(1, 2, width=8, norm="group")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    guard = GradGuard(GuardConfig(dp_noise_multiplier=1.0))
+    guard = GradGuard(GuardConfig(dp_noise_multiplier=1.0, probe_steps=25))  # a short probe, as above
     dp_model, dp_optimizer, _ = guard.wrap(model, optimizer, data_loader=loader)
     model.train()
     with pytest.raises(GradGuardError, match=r"train the model wrap\(\) returned"):
@@ -114,7 +115,7 @@ def test_hybrid_dp_shows_none_of_the_warnings_it_causes(chest_batch):
     model = SmallCNN(1, 2, width=8, norm="group")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        guard = GradGuard(GuardConfig(dp_noise_multiplier=0.3, dp_delta=1e-9))
+        guard = GradGuard(GuardConfig(dp_noise_multiplier=0.3, dp_delta=1e-9, probe_steps=25))
         dp_model, dp_optimizer, dp_loader = guard.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                                        data_loader=loader)
         _dp_round(dp_model, dp_optimizer, dp_loader)

@@ -1,7 +1,6 @@
 """FedAvg over the client layout with a defense producing every client's update; test utility."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import json
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradguard.batchnorm import reestimate_batchnorm, tracked_batchnorms
 from gradguard.eval.bench.cache import Layout, _atomic, _read_json
 from gradguard.eval.bench.spec import BenchConfig, Spec
 from gradguard.eval.datasets import ImageSet, load_medmnist
@@ -145,27 +145,6 @@ def evaluate(model: nn.Module, test: ImageSet, *, device: torch.device, chunk: i
     return {**scores, "majority_accuracy": majority, "collapsed": bool(collapsed)}
 
 
-@torch.no_grad()
-def batchnorm_reestimated(model: nn.Module, images: Tensor, *, device: torch.device) -> nn.Module | None:
-    """A copy of ``model`` whose BatchNorm running statistics are those of ``images`` (the server's
-    public data, disjoint from every client's), or None for a model without BatchNorm.
-
-    A guard that shares only its noised inputs' statistics leaves the global model normalising
-    clean test images with statistics of noisy ones; a server that holds public images can
-    replace them without any client's clean statistic. One forward of all of ``images`` in
-    training mode at momentum 1 makes each layer's running statistics that batch's mean and
-    unbiased variance of its inputs, exactly."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
-        return None
-    copied = copy.deepcopy(model).to(device)
-    for layer in copied.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            layer.momentum = 1.0
-    copied.train()
-    copied(images.to(device))
-    return copied.eval()
-
-
 def train_run(config: BenchConfig, data: Data, spec: Spec, seed: int, layout: Layout, *,
               capture: bool) -> dict[str, Any]:
     """FedAvg with ``spec``'s defense; the run's record (utility, epsilon, seconds).
@@ -199,12 +178,13 @@ def train_run(config: BenchConfig, data: Data, spec: Spec, seed: int, layout: La
     epsilon = defense.epsilon(delta=defense.delta) if defense.delta is not None else None
     if epsilon is not None and not math.isfinite(epsilon):
         epsilon = None  # sigma = 0: no guarantee; JSON has no infinity, so a delta without epsilon means unbounded
-    reestimated = batchnorm_reestimated(model, data.prior.images, device=device)
+    # The same global model with BatchNorm statistics of the server's public images, disjoint from
+    # every client's: what a server does when no client shares clean statistics.
+    reestimated = reestimate_batchnorm(model, data.prior.images, device=device) if tracked_batchnorms(model) else None
     return {"dataset": data.train.name, "defense": spec.label, "defense_name": spec.name,
             "defense_params": dict(spec.params), "defense_settings": _recorded(defense.settings), "seed": seed,
             "rounds": config.rounds, **evaluate(model, data.test, device=device), "epsilon": epsilon,
             "delta": defense.delta, "seconds": seconds,
-            # The same global model with BatchNorm statistics of the server's public images (None without BatchNorm).
             "bn_public": None if reestimated is None else evaluate(reestimated, data.test, device=device),
             "noise_history": defense.noise_history if isinstance(defense, GuardedDefense) else None}
 
