@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradguard import GradGuard, GuardConfig
+from gradguard import GradGuard, GradGuardWarning, GuardConfig
 from gradguard.update import ProtectedUpdate
 
 NoiseFn = Callable[[Tensor, torch.Generator], Tensor]
@@ -151,8 +152,11 @@ def gradguard_noise(config: GuardConfig, *, model: nn.Module, round: int = 0,
     def noise(images: Tensor, generator: torch.Generator) -> Tensor:
         seed = int(torch.randint(2 ** 62, (1,), generator=generator))
         guard = GradGuard(config.with_(seed=seed), device=device)
-        # explain() never steps; wrap() only needs an optimizer to hook.
-        guard.wrap(private, torch.optim.SGD(private.parameters(), lr=0.0), dataset_size=dataset_size)
+        # explain() never steps; wrap() only needs an optimizer to hook, and what it warns of (what a
+        # client's updates would share) does not concern a draw of the noise.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GradGuardWarning)
+            guard.wrap(private, torch.optim.SGD(private.parameters(), lr=0.0), dataset_size=dataset_size)
         try:
             guard.begin_round(round)
             return guard.explain(images).noised.to(images)

@@ -236,7 +236,7 @@ def test_gradient_update_is_the_gradient_at_the_rounds_start_weights(chest_batch
 
 def test_protected_update_prints_briefly(chest_batch):
     images, labels = chest_batch
-    model = SmallCNN(1, 2, width=8)
+    model = SmallCNN(1, 2, width=8, norm="group")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     # The malicious-server threat: a leakage report from the bound alone, without the probe's attack.
     guard = GradGuard(GuardConfig(threat="malicious_server"))
