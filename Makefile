@@ -82,6 +82,8 @@ bench-calibrated-malicious: $(STAMP)
 
 bench-bound-tightness: $(STAMP)
 	$(PY) benchmarks/bound_tightness.py
+	$(PY) benchmarks/bound_tightness.py --target-db 3 --calibrated-only --name bound_tightness_3db
+	$(PY) benchmarks/bound_tightness.py --target-db 6 --calibrated-only --name bound_tightness_6db
 
 bench-calibration-cost: $(STAMP)
 	$(PY) benchmarks/calibration_cost.py

@@ -11,6 +11,7 @@ known-noise denoiser trained on the public (val) images with that exact rule at 
 leakage benchmark's budget) and at 1500.
 
     python benchmarks/bound_tightness.py [--images 48] [--steps 150,1500]
+        [--target-db DB --calibrated-only --name NAME]   # the calibrated rule at another target
 """
 from __future__ import annotations
 
@@ -69,9 +70,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--steps", default="150,1500")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target-db", type=float, help="the calibrated rule's target (default: GuardConfig's)")
+    parser.add_argument("--calibrated-only", action="store_true",
+                        help="leave out the presets' rules (they do not depend on the target)")
+    parser.add_argument("--name", default="bound_tightness", help="results/NAME.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = GuardConfig()
+    config = GuardConfig() if args.target_db is None else GuardConfig(leakage_target_db=args.target_db)
     target, smoothness = config.calibration.leakage_target_db, config.noise.smoothness
     assert target is not None
     steps = [int(s) for s in args.steps.split(",")]
@@ -85,7 +90,7 @@ def main() -> None:
         amplitude = GuardConfig.preset(preset).noise.amplitude
         sigma_of = functools.partial(rule_sigma, prior=prior, spectrum=spectrum, amplitude=amplitude, config=config)
         rows = {}
-        for rule in ("calibrated", f"{preset}:N=4", f"{preset}:N=8"):
+        for rule in ("calibrated",) if args.calibrated_only else ("calibrated", f"{preset}:N=4", f"{preset}:N=8"):
             generator = torch.Generator().manual_seed(args.seed)
             sigma = sigma_of(rule, images)
             noised = images + mk.per_sample(sigma, images) * unit_noise(images, generator, smoothness)
@@ -106,7 +111,7 @@ def main() -> None:
             rows[rule] = row
             print(dataset, rule, row, flush=True)
         figures[dataset] = rows
-    write_result("bound_tightness", {"datasets": figures},
+    write_result(args.name, {"datasets": figures},
                  {"images": args.images, "steps": steps, "seed": args.seed, "target_db": target,
                   "smoothness": smoothness, "prior": "mean of the val split", "public": "val split",
                   "scored": "test split"})
