@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 SUMMARY_KEYS = ("dataset", "setting", "defense", "twin_of", "attacks", "psnr_above_prior", "ssim_above_prior",
                 "lpips", "reid_top1", "reid_chance", "micro_f1", "macro_f1", "f1_seeds", "energy_ratio",
-                "undefended_psnr_above_prior")
+                "undefended_psnr_above_prior", "micro_f1_public_bn", "macro_f1_public_bn")
 # What every GradGuard row adds: its input-noise energy and how often its own estimate was conservative.
 GRADGUARD_KEYS = ("noise_energy", "report_conservative_rate")
 GRID_IMAGES = 4
@@ -77,7 +77,8 @@ def markdown_table(dataset: str, rows: Sequence[SummaryRow], twins: Sequence[dic
              f"minus the attacker's prior (the better of the public mean and class-mean image), the "
              f"re-identification rate (SSIM nearest neighbour among the client's images and "
              f"{experiment.distractors} distractors; chance in the setting column) and micro-F1 (points, mean of "
-             f"{len(experiment.utility.seeds)} FedAvg seeds; `!` a collapsed run). Means over "
+             f"{len(experiment.utility.seeds)} FedAvg seeds; `!` a collapsed run, followed by the same runs' score "
+             f"with BatchNorm statistics re-estimated on public images where they have them). Means over "
              f"{experiment.attack_seeds} attacked updates. A setting whose undefended update is less than "
              f"{LEAK_THRESHOLD_DB:g} dB above the prior has no leakage to defend and ranks no defense.", ""]
     header = ["setting (undefended dB above prior; re-id chance)"] + [f"`{d}`" for d in defenses]
@@ -94,6 +95,8 @@ def markdown_table(dataset: str, rows: Sequence[SummaryRow], twins: Sequence[dic
                 values.append("-")
                 continue
             f1 = "-" if r.micro_f1 is None else f"{100 * r.micro_f1:.1f}" + ("!" if r.collapsed_runs else "")
+            if r.collapsed_runs and r.micro_f1_public_bn is not None:  # the weights learned; the statistics did not
+                f1 += f" ({100 * r.micro_f1_public_bn:.1f} public BN)"
             values.append(f"{r.psnr_above_prior:+.1f} / {r.ssim_above_prior:+.2f} / {_pct(r.reid_top1)}% / {f1}")
         lines.append(f"| {head} | " + " | ".join(values) + " |")
     ours = [d for d in defenses if any(r.twin_of == d for r in mine)]

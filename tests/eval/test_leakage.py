@@ -76,6 +76,28 @@ def test_a_cell_scores_the_strongest_of_every_attack_per_metric():
     assert cell.above_prior() == pytest.approx({"psnr": 2.0, "ssim": 0.2, "lpips": 0.1})
 
 
+def test_collapsed_runs_show_their_public_batchnorm_score_beside_them(tmp_path):
+    """A defense whose global model collapses with the clients' statistics but learned its weights:
+    the summary keeps the re-estimated score, and the table prints it beside the collapsed one."""
+    from gradguard.eval.bench.leakage import summarize
+    from gradguard.eval.leakage_report import markdown_table
+
+    cell = LeakageCell(dataset="d", setting="s", defense="none", twin_of=None, seed=0, client_images=1,
+                       prior_name="mean", prior={"psnr": 18.0, "ssim": 0.5, "lpips": 0.3},
+                       scores=[VariantScore("a", "plain", 20.0, 0.4, 0.2)], reid_top1=1.0, reid_chance=0.01,
+                       noise_energy=0.0, epsilon=None, attack_seconds=1.0)
+    run = {"dataset": "d", "defense": "none", "micro_f1": 0.625, "macro_f1": 0.385, "collapsed": True,
+           "bn_public": {"micro_f1": 0.80, "macro_f1": 0.78}}
+    runs = [run, {**run, "bn_public": {"micro_f1": 0.84, "macro_f1": 0.80}}]
+    (row,) = summarize([cell], runs, [(Spec("none"), None)])
+    assert (row.micro_f1_public_bn, row.macro_f1_public_bn) == pytest.approx((0.82, 0.79))
+    assert row.collapsed_runs == 2
+    table = markdown_table("d", [row], [], load_experiment(_write(tmp_path, TINY), progress=False))
+    assert "+2.0 / -0.10 / 100.0% / 62.5! (82.0 public BN)" in table
+    (without,) = summarize([cell], [run, {**run, "bn_public": None}], [(Spec("none"), None)])
+    assert without.micro_f1_public_bn is None  # a score over some of the runs only is none at all
+
+
 def test_every_gradguard_setting_gets_its_equal_energy_twin():
     twin = twin_spec(Spec("chest_xray"))
     assert twin == Spec("untargeted", {"noise_amplitude": 0.9, "update_exponent": 0.5})

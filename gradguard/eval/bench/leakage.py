@@ -186,6 +186,9 @@ class SummaryRow:
     collapsed_runs: int = 0
     updates: int = 0
     report_conservative_rate: float | None = None
+    # The same runs scored with BatchNorm statistics re-estimated on public images (None: some run has no BatchNorm).
+    micro_f1_public_bn: float | None = None
+    macro_f1_public_bn: float | None = None
     gradguard: bool = False  # a GradGuard setting (its summary row adds noise_energy and report_conservative_rate)
 
 
@@ -420,6 +423,8 @@ def summarize(cells: Sequence[LeakageCell], runs: Sequence[dict[str, Any]],
                 continue
             above = [c.above_prior() for c in mine]
             utility = [r for r in runs if r["dataset"] == dataset and r["defense"] == spec.label]
+            public = [r["bn_public"] for r in utility if r.get("bn_public") is not None]
+            public = public if utility and len(public) == len(utility) else []
             energy_ratio = None
             if twin_of is not None:
                 energy_ratio = paired(cells, twin_of, spec.label, dataset=dataset, settings=[setting])["energy_ratio"]
@@ -437,6 +442,8 @@ def summarize(cells: Sequence[LeakageCell], runs: Sequence[dict[str, Any]],
                 noise_energy=float(np.mean([c.noise_energy for c in mine])),
                 collapsed_runs=sum(bool(r["collapsed"]) for r in utility), updates=len(mine),
                 report_conservative_rate=conservative_rate(mine),
+                micro_f1_public_bn=float(np.mean([p["micro_f1"] for p in public])) if public else None,
+                macro_f1_public_bn=float(np.mean([p["macro_f1"] for p in public])) if public else None,
                 gradguard=issubclass(DEFENSES[spec.name], GuardedDefense)))
     return rows
 
