@@ -37,6 +37,5 @@ def reestimate_batchnorm(model: nn.Module, images: Tensor | Iterable[Tensor | tu
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     copied = copy.deepcopy(model).to(device)
     batches = [images] if isinstance(images, Tensor) else images
-    with torch.no_grad():
-        torch.optim.swa_utils.update_bn(batches, copied, device=torch.device(device))
+    torch.optim.swa_utils.update_bn(batches, copied, device=torch.device(device))  # runs without grad
     return copied.eval()

@@ -363,6 +363,12 @@ class GuardConfig:
     update_kind: UpdateKind = "delta"
     seed: int | None = None
 
+    @property
+    def noises_every_round(self) -> bool:
+        """Whether every round's inputs get noise: the malicious-server threat (the bound never reaches
+        zero), or a fixed rule at a non-zero amplitude; the honest server's probe can leave a round clean."""
+        return self.calibration.threat == "malicious_server" if self.calibration.enabled else self.noise.amplitude > 0
+
     def __init__(self, *, noise: NoiseConfig | None = None, masks: MaskConfig | None = None,
                  shadow: ShadowConfig | str | None = None, dp: DPConfig | None = None,
                  calibration: CalibrationConfig | None = None, total_rounds: int = 100,

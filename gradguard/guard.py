@@ -494,9 +494,7 @@ class GradGuard:
         self._batchnorms = tracked_batchnorms(model)
         if self._batchnorms and cfg.bn_statistics == "clean":
             self._handles.append(model.register_forward_hook(self._restore_batchnorm))
-        every_round_noised = cfg.calibration.threat == "malicious_server" if cfg.calibration.enabled \
-            else cfg.noise.amplitude > 0
-        if self._batchnorms and cfg.bn_statistics == "local" and cfg.update_kind == "delta" and every_round_noised:
+        if self._batchnorms and cfg.bn_statistics == "local" and cfg.update_kind == "delta" and cfg.noises_every_round:
             warnings.warn(_NO_SHARED_BATCHNORM, GradGuardWarning, stacklevel=2)
         if cfg.shadow.kind != "none":
             self._handles.append(final_linear(model)[1].register_forward_hook(self._capture_features))

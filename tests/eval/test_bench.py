@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from gradguard.cli import main
+from gradguard.cli import build_parser, main
 from gradguard.config import PRESETS
 from gradguard.eval.adaptive import adaptive_variants, calibrate, denoise, noise_sigma
-from gradguard.eval.bench import BenchConfig, Spec, attacked_clients, fedavg, mode_config, run_bench
+from gradguard.eval.bench import (BenchConfig, Spec, attacked_clients, config_from_args, fedavg, mode_config,
+                                  run_bench)
 from gradguard.eval.datasets import data_dir
 from gradguard.eval.metrics import psnr
 from gradguard.eval.partition import partition_clients
@@ -34,11 +35,12 @@ UTILITY_KEYS = {"accuracy_mean", "micro_f1_mean", "macro_f1_mean", "epsilon", "s
 # 5 minutes of this run) and the attack's in tests/eval/test_attacks.py. At 200 steps no defense
 # still leaks 1.8 dB more than gaussian(sigma0=1.0) (2.1 at 300, 0.5 at 100): the ordering test holds.
 MODE = "quick"
-ATTACK_ITERATIONS = 200
 DEFENSES = tuple(Spec("gradguard", {"probe_steps": 50}) if d.name == "gradguard" else d
                  for d in mode_config(MODE).defenses)
-CONFIG = dataclasses.replace(mode_config(MODE), defenses=DEFENSES, attacks=tuple(
-    Spec(a.name, {**a.params, "iterations": ATTACK_ITERATIONS}) for a in mode_config(MODE).attacks))
+# The options after --out; CONFIG is what the CLI makes of them.
+OPTIONS = ["--device", "cpu", "--no-progress", "--attack-iterations", "200", "--defenses",
+           *(d.label.replace("(", ":").rstrip(")") for d in DEFENSES)]
+CONFIG = config_from_args(build_parser(["bench", f"--{MODE}", *OPTIONS]).parse_args(["bench", f"--{MODE}", *OPTIONS]))
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +50,7 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
     try:
-        assert main(["bench", f"--{MODE}", "--out", str(out), "--device", "cpu", "--no-progress",
-                     "--attack-iterations", str(ATTACK_ITERATIONS), "--defenses",
-                     *(d.label.replace("(", ":").rstrip(")") for d in DEFENSES)]) == 0
+        assert main(["bench", f"--{MODE}", "--out", str(out), *OPTIONS]) == 0
     finally:
         torch.set_num_threads(threads)  # the CLI sets its own thread count
     return out
@@ -155,9 +155,6 @@ def test_further_runs_can_be_attacked_and_leakage_averages_over_every_run(quick,
 
 
 def test_full_mode_and_its_gpu_size_and_the_cosine_schedule():
-    from gradguard.cli import build_parser
-    from gradguard.eval.bench import config_from_args
-
     def parse(*argv):
         return config_from_args(build_parser(["bench", *argv]).parse_args(["bench", *argv, "--device", "cpu"]))
     full, large = parse("--full"), parse("--full", "--large", "--seeds", "1")

@@ -423,8 +423,8 @@ def summarize(cells: Sequence[LeakageCell], runs: Sequence[dict[str, Any]],
                 continue
             above = [c.above_prior() for c in mine]
             utility = [r for r in runs if r["dataset"] == dataset and r["defense"] == spec.label]
-            public = [r["bn_public"] for r in utility if r.get("bn_public") is not None]
-            public = public if utility and len(public) == len(utility) else []
+            # The public-BN score counts only where every run has one.
+            public = [] if any(r.get("bn_public") is None for r in utility) else [r["bn_public"] for r in utility]
             energy_ratio = None
             if twin_of is not None:
                 energy_ratio = paired(cells, twin_of, spec.label, dataset=dataset, settings=[setting])["energy_ratio"]
